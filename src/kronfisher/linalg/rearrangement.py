@@ -1,0 +1,225 @@
+"""Per-example layer statistics, the rearranged Fisher R(F) and its matrix-free products.
+
+A layer's statistics are ``a`` (m, T, d_a) and ``g`` (m, T, d_g): T = 1 for a Linear
+layer, T = output locations for a convolution. With a symmetric 0/1 ``pair_mask`` M
+(T × T; ``None`` = all pairs) the Fisher block is (DESIGN.md §2)
+
+    F = (1/m) Σᵢ Σ_{t,t'} M_{tt'} (a_{it} a_{it'}ᵀ) ⊗ (g_{it} g_{it'}ᵀ),
+
+and its Van Loan–Pitsianis rearrangement (DESIGN.md §3)
+
+    R(F) = (1/m) Σᵢ Σ_{t,t'} M_{tt'} vec(a_{it} a_{it'}ᵀ) vec(g_{it} g_{it'}ᵀ)ᵀ.
+
+Nothing here forms F or R(F) except :func:`exact_fisher_block` and :func:`rearrange`,
+which exist for tests and small baselines.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LayerStats",
+    "as_stats",
+    "exact_fisher_block",
+    "rearrange",
+    "spatial_pair_mask",
+    "relative_error",
+]
+
+
+def spatial_pair_mask(h: int, w: int, radius: int | str, device=None) -> Tensor | None:
+    """(h·w) × (h·w) 0/1 mask of output-location pairs within Chebyshev distance ``radius``.
+
+    Distances are measured on the 2-D output grid (row-major flattening), so pairs never
+    wrap around rows. ``radius="all"`` returns ``None`` (every pair: the exact block).
+    """
+    if radius == "all":
+        return None
+    if not isinstance(radius, int) or radius < 0:
+        raise ValueError(f"conv radius must be an int >= 0 or 'all', got {radius!r}")
+    rows = torch.arange(h, device=device).repeat_interleave(w)
+    cols = torch.arange(w, device=device).repeat(h)
+    cheb = torch.maximum(
+        (rows[:, None] - rows[None, :]).abs(), (cols[:, None] - cols[None, :]).abs()
+    )
+    return (cheb <= radius).to(torch.get_default_dtype())
+
+
+class LayerStats:
+    """Validated per-example statistics of one layer (see module docstring).
+
+    ``flat`` is True when the pairs are only (t, t) (Linear layers, or conv radius 0):
+    then the statistics are N = m·T independent tokens, R(F) = (1/m) P Qᵀ with
+    P = [vec(a_n a_nᵀ)]_n, Q = [vec(g_n g_nᵀ)]_n, and Gram-space algorithms apply.
+    """
+
+    def __init__(self, a: Tensor, g: Tensor, pair_mask: Tensor | None = None):
+        self.a, self.g = a, g
+        self.m, self.T, self.d_a = a.shape
+        self.d_g = g.shape[2]
+        self.pair_mask = pair_mask
+        diag = pair_mask is not None and bool(
+            torch.equal(pair_mask, torch.diag(pair_mask.diagonal()))
+        )
+        if diag and not bool((pair_mask.diagonal() == 1).all()):
+            raise ValueError("a diagonal pair_mask must have ones on its diagonal")
+        self.flat = self.T == 1 or diag
+        self._grams: tuple[Tensor, Tensor] | None = None
+
+    # ---------------------------------------------------------------- tokens
+    @property
+    def tokens_a(self) -> Tensor:
+        """(N, d_a) with N = m·T."""
+        return self.a.reshape(-1, self.d_a)
+
+    @property
+    def tokens_g(self) -> Tensor:
+        return self.g.reshape(-1, self.d_g)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.m * self.T
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a.dtype
+
+    def grams(self) -> tuple[Tensor, Tensor]:
+        """K_a = PᵀP = (ã ãᵀ)∘(ã ãᵀ) and K_g = QᵀQ (N × N, float64), flat case only."""
+        if not self.flat:
+            raise RuntimeError("Gram matrices exist only for flat statistics (T = 1 or radius 0)")
+        if self._grams is None:
+            ka = (self.tokens_a @ self.tokens_a.mT).double()
+            kg = (self.tokens_g @ self.tokens_g.mT).double()
+            self._grams = (ka.square_(), kg.square_())
+        return self._grams
+
+    # ------------------------------------------------------------- KFAC (KFC)
+    def kfac_factors(self) -> tuple[Tensor, Tensor]:
+        """A_K = (1/m) Σ_{i,t} a aᵀ and G_K = (1/(mT)) Σ_{i,t} g gᵀ (KFC for T > 1)."""
+        ta, tg = self.tokens_a, self.tokens_g
+        A = _sym(ta.mT @ ta) / self.m
+        G = _sym(tg.mT @ tg) / (self.m * self.T)
+        return A, G
+
+    # ------------------------------------------------------- R(F) products
+    def r_matvec(self, V: Tensor) -> Tensor:
+        """R(F) vec(V) as a d_a × d_a matrix, V of shape (d_g, d_g)."""
+        return _quad_product(self.a, self.g, V, self.pair_mask, self.flat) / self.m
+
+    def rt_matvec(self, U: Tensor) -> Tensor:
+        """R(F)ᵀ vec(U) as a d_g × d_g matrix, U of shape (d_a, d_a)."""
+        return _quad_product(self.g, self.a, U, self.pair_mask, self.flat) / self.m
+
+    def frobenius_sq(self) -> float:
+        """‖F‖_F² = ‖R(F)‖_F² without forming F."""
+        if self.flat:
+            ka, kg = self.grams()
+            return float((ka * kg).sum()) / self.m**2
+        # Σ_{i,j} Σ_{tt'ss'} M_tt' M_ss' (a_it·a_js)(a_it'·a_js')(g_it·g_js)(g_it'·g_js')
+        a, g = self.a.double(), self.g.double()
+        M = (
+            torch.ones(self.T, self.T, dtype=torch.float64, device=a.device)
+            if self.pair_mask is None
+            else self.pair_mask.double()
+        )
+        total = 0.0
+        for i in range(self.m):  # O(m² T⁴) — for tests and small studies only
+            ca = torch.einsum("td,jsd->jts", a[i], a)
+            cg = torch.einsum("td,jsd->jts", g[i], g)
+            c = ca * cg  # (j, t, s)
+            total += float(torch.einsum("tu,sv,jts,juv->", M, M, c, c))
+        return total / self.m**2
+
+    def inner(self, A: Tensor, G: Tensor) -> float:
+        """⟨R(F), vec(A) vec(G)ᵀ⟩ = vec(A)ᵀ R(F) vec(G)."""
+        return float((A.double() * self.r_matvec(G).double()).sum())
+
+
+def _sym(x: Tensor) -> Tensor:
+    return 0.5 * (x + x.mT)
+
+
+def _quad_product(x: Tensor, y: Tensor, V: Tensor, mask: Tensor | None, flat: bool) -> Tensor:
+    """Σᵢ Σ_{tt'} M_tt' (y_itᵀ V y_it') x_it x_it'ᵀ, i.e. the unscaled rearranged product."""
+    if flat:
+        xt, yt = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        w = ((yt @ V) * yt).sum(-1)  # yₙᵀ V yₙ
+        return _sym((xt * w[:, None]).mT @ xt)
+    W = torch.einsum("itd,de,ise->its", y, V, y)  # (m, T, T)
+    if mask is not None:
+        W = W * mask
+    return _sym(torch.einsum("itd,its,ise->de", x, W, x))
+
+
+def as_stats(a: Tensor, g: Tensor, pair_mask: Tensor | None = None) -> LayerStats:
+    """Validate ``a`` (m, d_a) or (m, T, d_a) and ``g`` (m, d_g) or (m, T, d_g)."""
+    if not isinstance(a, Tensor) or not isinstance(g, Tensor):
+        raise TypeError("a and g must be torch tensors")
+    if a.ndim != g.ndim or a.ndim not in (2, 3):
+        raise ValueError(
+            "a and g must both be 2-D (m, d) or both 3-D (m, T, d); got shapes"
+            f" {tuple(a.shape)} and {tuple(g.shape)}"
+        )
+    if a.ndim == 2:
+        a, g = a[:, None, :], g[:, None, :]
+    if a.shape[:2] != g.shape[:2]:
+        raise ValueError(
+            f"a and g disagree on the number of examples/locations: {tuple(a.shape)} vs"
+            f" {tuple(g.shape)}"
+        )
+    if a.shape[0] == 0:
+        raise ValueError("cannot build a Fisher approximation from m = 0 examples")
+    if a.shape[2] == 0 or g.shape[2] == 0:
+        raise ValueError(f"empty feature dimension: a {tuple(a.shape)}, g {tuple(g.shape)}")
+    if not a.is_floating_point() or not g.is_floating_point():
+        raise TypeError("a and g must be floating-point tensors")
+    if a.dtype != g.dtype:
+        raise TypeError(f"a and g must share a dtype, got {a.dtype} and {g.dtype}")
+    if not torch.isfinite(a).all():
+        raise ValueError("layer inputs a contain NaN or Inf")
+    if not torch.isfinite(g).all():
+        raise ValueError("output gradients g contain NaN or Inf")
+    T = a.shape[1]
+    if pair_mask is not None:
+        if pair_mask.shape != (T, T):
+            raise ValueError(f"pair_mask must be ({T}, {T}), got {tuple(pair_mask.shape)}")
+        if not torch.equal(pair_mask, pair_mask.mT):
+            raise ValueError("pair_mask must be symmetric")
+        pair_mask = pair_mask.to(a.dtype)
+    return LayerStats(a, g, pair_mask)
+
+
+def exact_fisher_block(a: Tensor, g: Tensor, pair_mask: Tensor | None = None) -> Tensor:
+    """Dense F = (1/m) Σᵢ kron(aᵢaᵢᵀ, gᵢgᵢᵀ) ((d_a·d_g)²; conv form with 3-D inputs)."""
+    s = as_stats(a, g, pair_mask)
+    J = torch.einsum("itd,ite->itde", s.a, s.g).reshape(s.m, s.T, -1)  # rows a⊗g
+    if s.pair_mask is None:
+        J = J.sum(1)  # per-example gradient vec(Σ_t g aᵀ)
+        return J.mT @ J / s.m
+    return torch.einsum("itp,ts,isq->pq", J, s.pair_mask, J) / s.m
+
+
+def rearrange(F: Tensor, d_a: int, d_g: int) -> Tensor:
+    """Explicit Van Loan–Pitsianis rearrangement R(F) (d_a² × d_g²) of a dense F.
+
+    R(F)[vec(A) index, vec(G) index] so that R(kron(A, G)) = vec(A) vec(G)ᵀ.
+    """
+    if F.shape != (d_a * d_g, d_a * d_g):
+        raise ValueError(f"F must be ({d_a * d_g}, {d_a * d_g}), got {tuple(F.shape)}")
+    # F[j*d_g + i, l*d_g + k] = A[j, l] G[i, k]  ->  R[l*d_a + j, k*d_g + i]
+    return F.reshape(d_a, d_g, d_a, d_g).permute(2, 0, 3, 1).reshape(d_a * d_a, d_g * d_g)
+
+
+def relative_error(stats: LayerStats, terms: list[tuple[Tensor, Tensor]]) -> float:
+    """‖F − Σ A_k⊗G_k‖_F / ‖F‖_F computed without forming F (float64 accumulation)."""
+    f2 = stats.frobenius_sq()
+    cross = sum(stats.inner(A, G) for A, G in terms)
+    self_sq = 0.0
+    for A1, G1 in terms:
+        for A2, G2 in terms:
+            self_sq += float((A1.double() * A2.double()).sum() * (G1.double() * G2.double()).sum())
+    err2 = max(f2 - 2.0 * cross + self_sq, 0.0)
+    return (err2 / f2) ** 0.5 if f2 > 0 else float("nan")
