@@ -1,8 +1,42 @@
-"""kronfisher: natural-gradient preconditioners with Kronecker-structured Fisher approximations."""
+"""kronfisher: natural-gradient preconditioners with Kronecker-structured Fisher approximations.
+
+Core objects: :class:`KroneckerSum` (a sum of Kronecker products with damped solves),
+:func:`approximate` (the five approximations of one layer's Fisher block), and the
+preconditioners :class:`KFAC`, :class:`KPSVD`, :class:`Deflation`, :class:`KFACCorrected`,
+:class:`Lanczos` and :class:`ExactNG`.
+"""
 
 from .curvature import METHODS, approximate
 from .linalg import KroneckerSum, exact_fisher_block
+from .losses import sampled_nll
+from .preconditioner import (
+    KFAC,
+    KPSVD,
+    Deflation,
+    ExactNG,
+    KFACCorrected,
+    KroneckerPreconditioner,
+    Lanczos,
+    NonFiniteError,
+    Preconditioner,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["KroneckerSum", "approximate", "exact_fisher_block", "METHODS", "__version__"]
+__all__ = [
+    "KroneckerSum",
+    "approximate",
+    "exact_fisher_block",
+    "METHODS",
+    "sampled_nll",
+    "Preconditioner",
+    "KroneckerPreconditioner",
+    "KFAC",
+    "KPSVD",
+    "Deflation",
+    "KFACCorrected",
+    "Lanczos",
+    "ExactNG",
+    "NonFiniteError",
+    "__version__",
+]

@@ -416,7 +416,11 @@ def nearest_kronecker(
             sigmas, us, vs, iters, converged = _power(space, rank, starts, tol, max_iter)
         else:
             max_iter = max_iter or 300
-            start = starts[0] if rank == 1 else sum(s / _norm(space, s) for s in starts)
+            start = starts[0]
+            for s_k in starts[1:]:  # add later starts at half weight: no cancellation
+                n_k = _norm(space, s_k)
+                if n_k > 0:
+                    start = start + (0.5 * _norm(space, start) / n_k) * s_k
             sigmas, us, vs, iters, converged = _lanczos(space, rank, start, tol, max_iter)
         if not converged:
             warnings.warn(

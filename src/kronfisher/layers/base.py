@@ -1,0 +1,69 @@
+"""The adapter contract: how one module type yields (a, g) and exposes its gradient matrix."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class UnsupportedLayerError(ValueError):
+    """A module (or a module configuration) no adapter can handle correctly."""
+
+
+class LayerAdapter:
+    """Per-module-type glue between hooks and the curvature code (DESIGN.md §2, §6).
+
+    Statistics are returned as ``a`` (m, T, d_a) and ``g`` (m, T, d_g) with T = 1 for
+    Linear layers; the gradient matrix is [W b] of shape (d_g, d_a).
+    """
+
+    @staticmethod
+    def check(module: nn.Module) -> None:
+        """Raise :class:`UnsupportedLayerError` if the configuration is not supported."""
+
+    @staticmethod
+    def inputs(module: nn.Module, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def output_grads(module: nn.Module, grad_out: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def spatial_shape(module: nn.Module, grad_out: Tensor) -> tuple[int, int]:
+        return (1, 1)
+
+    @staticmethod
+    def params(module: nn.Module) -> list[nn.Parameter]:
+        return [p for p in (module.weight, module.bias) if p is not None]
+
+    @staticmethod
+    def grad_matrix(module: nn.Module) -> Tensor | None:
+        """[∇W ∇b] as (d_g, d_a), or None if the layer has no gradient this step."""
+        w = module.weight
+        if w.grad is None:
+            return None
+        gw = w.grad.reshape(w.shape[0], -1)
+        if module.bias is None:
+            return gw
+        gb = module.bias.grad
+        if gb is None:
+            gb = gw.new_zeros(w.shape[0])
+        return _cat_bias(gw, gb)
+
+    @staticmethod
+    def set_grad_matrix(module: nn.Module, M: Tensor) -> None:
+        w = module.weight
+        n = w[0].numel()
+        w.grad = M[:, :n].reshape(w.shape).to(w.dtype).contiguous()
+        if module.bias is not None:
+            module.bias.grad = M[:, n].to(module.bias.dtype).contiguous()
+
+
+def _cat_bias(gw: Tensor, gb: Tensor) -> Tensor:
+    return torch.cat([gw, gb[:, None]], 1)
+
+
+def append_ones(x: Tensor) -> Tensor:
+    """Append the bias coordinate 1 along the last dimension."""
+    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)

@@ -1,0 +1,24 @@
+"""nn.Linear: aᵢ = [xᵢ; 1], gᵢ = ∂ℓᵢ/∂sᵢ, one location per example."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .base import LayerAdapter, UnsupportedLayerError, append_ones
+
+
+class LinearAdapter(LayerAdapter):
+    @staticmethod
+    def inputs(module: nn.Linear, x: Tensor) -> Tensor:
+        if x.ndim != 2:
+            raise UnsupportedLayerError(
+                f"nn.Linear with {x.ndim}-D input {tuple(x.shape)}: only (batch, features)"
+                " inputs are supported (weight sharing over extra dimensions is not a Linear"
+                " layer's Fisher block in the sense of DESIGN.md §2)"
+            )
+        x = x.detach()
+        return (append_ones(x) if module.bias is not None else x)[:, None, :]
+
+    @staticmethod
+    def output_grads(module: nn.Linear, grad_out: Tensor) -> Tensor:
+        return grad_out.detach()[:, None, :]

@@ -1,0 +1,392 @@
+"""The preconditioner: registration, hooks, schedules, damping, KL clipping, state_dict.
+
+It knows no specific curvature method: a subclass supplies three operations
+(:meth:`Preconditioner._update_curvature`, :meth:`~Preconditioner._refresh_inverse`,
+:meth:`~Preconditioner._precondition`); :class:`KroneckerPreconditioner` implements them
+with a :class:`~kronfisher.curvature.KroneckerEstimator`.
+
+Training-loop contract::
+
+    with precond.collect():          # this forward/backward is the curvature batch
+        loss = loss_fn(model(x), y)  # a mean over examples
+        loss.backward()
+    precond.step()                   # .grad of each registered layer ← preconditioned
+    optimizer.step()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import ADAPTERS, LayerAdapter, UnsupportedLayerError, adapter_for
+
+__all__ = ["Preconditioner", "LayerState", "NonFiniteError"]
+
+
+class NonFiniteError(FloatingPointError):
+    """A gradient or statistic contained NaN or Inf (raised when ``nonfinite="raise"``)."""
+
+
+@dataclass
+class _Capture:
+    a: Tensor
+    spatial: tuple[int, int] = (1, 1)
+    g: Tensor | None = None
+
+
+@dataclass(eq=False)  # identity semantics: states are dict keys
+class LayerState:
+    """Everything the preconditioner keeps for one registered layer."""
+
+    name: str
+    module: nn.Module
+    adapter: type[LayerAdapter]
+    curvature: object | None = None  # KroneckerSum (or a dense block for ExactNG)
+    updates: int = 0  # number of curvature batches folded in
+    inverse_source: object | None = None  # the curvature the current inverse was built from
+    inverse: object | None = None  # its factorisation
+    inverse_damping: float | None = None
+    captures: list[_Capture] = field(default_factory=list)
+
+
+class Preconditioner:
+    """Base class of all natural-gradient preconditioners (see module docstring).
+
+    Args:
+        model: the network; every ``nn.Linear`` and ``nn.Conv2d`` (exact type, supported
+            configuration) is registered, all other parameters are left untouched and
+            listed in :attr:`skipped` with the reason in :attr:`skip_reasons`.
+        damping: λ added to the curvature (see the method's damping scheme).
+        ema_decay: running-average decay ρ; the k-th curvature batch is folded in with
+            decay min(1 − 1/k, ρ). 0 uses only the latest batch.
+        cov_update_freq: :meth:`collect` records statistics on steps that are a multiple
+            of this (others run hook-free); ``collect(force=True)`` always records.
+        inv_update_freq: the damped curvature is refactorised every this many steps (and
+            whenever the damping changes or no factorisation exists yet).
+        kl_clip: if not None, scale all preconditioned gradients by
+            ν = min(1, sqrt(kl_clip / (lr² Σ ⟨Δ, ∇⟩))) (Ba et al.; kfac-pytorch convention).
+        lr: the optimizer's learning rate, needed by ``kl_clip`` only.
+        nonfinite: "skip" (default): a NaN/Inf gradient makes :meth:`step` warn, set every
+            model parameter's ``.grad`` to None (so ``optimizer.step()`` changes nothing)
+            and return False; NaN/Inf statistics skip that curvature update with a warning.
+            "raise": raise :class:`NonFiniteError` instead (parameters untouched either way).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        damping: float = 1e-3,
+        ema_decay: float = 0.95,
+        cov_update_freq: int = 1,
+        inv_update_freq: int = 1,
+        kl_clip: float | None = None,
+        lr: float | None = None,
+        nonfinite: str = "skip",
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError("model must be a torch.nn.Module")
+        _check_positive_int("cov_update_freq", cov_update_freq)
+        _check_positive_int("inv_update_freq", inv_update_freq)
+        if not (0.0 <= ema_decay < 1.0):
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if kl_clip is not None and (lr is None or kl_clip <= 0 or lr <= 0):
+            raise ValueError("kl_clip needs a positive kl_clip and the optimizer's lr > 0")
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        self.model = model
+        self.damping = _check_damping(damping)
+        self.ema_decay = ema_decay
+        self.cov_update_freq = cov_update_freq
+        self.inv_update_freq = inv_update_freq
+        self.kl_clip = kl_clip
+        self.lr = lr
+        self.nonfinite = nonfinite
+        self.steps = 0
+        self.skipped_steps = 0
+        self.layers: dict[str, LayerState] = {}
+        self.skipped: list[str] = []
+        self.skip_reasons: dict[str, str] = {}
+        self._register(model)
+        if not self.layers:
+            raise UnsupportedLayerError(
+                "the model has no supported layer (nn.Linear, nn.Conv2d) to precondition"
+            )
+        self._by_module = {id(s.module): s for s in self.layers.values()}
+        self._collecting = False
+        self._reduction = "mean"
+        self._handles = [
+            s.module.register_forward_hook(self._forward_hook) for s in self.layers.values()
+        ]
+
+    # ------------------------------------------------------------ registration
+    def _register(self, model: nn.Module) -> None:
+        for name, module in model.named_modules():
+            own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if type(module) in ADAPTERS:
+                try:
+                    adapter = adapter_for(module)
+                except UnsupportedLayerError as e:
+                    self._skip(name, own, str(e))
+                    continue
+                self.layers[name] = LayerState(name, module, adapter)
+            elif own:
+                why = f"{type(module).__name__} is not a supported layer type"
+                if isinstance(module, tuple(ADAPTERS)):
+                    why += " (subclasses of supported layers are not assumed to behave alike)"
+                self._skip(name, own, why)
+
+    def _skip(self, name: str, params, reason: str) -> None:
+        for pname, _ in params:
+            full = f"{name}.{pname}" if name else pname
+            self.skipped.append(full)
+            self.skip_reasons[full] = reason
+
+    def remove_hooks(self) -> None:
+        """Detach the forward hooks from the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------ hooks
+    @contextlib.contextmanager
+    def collect(self, reduction: str = "mean", *, force: bool = False) -> Iterator[bool]:
+        """Record the curvature batch from the forward and backward run inside.
+
+        ``reduction`` says how the loss combines per-example losses: "mean" (captured
+        output gradients are multiplied by the batch size) or "sum". Yields whether this
+        step records (see ``cov_update_freq``).
+        """
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        active = force or self.steps % self.cov_update_freq == 0
+        if self._collecting:
+            raise RuntimeError("collect() contexts cannot be nested")
+        self._collecting, self._reduction = active, reduction
+        try:
+            yield active
+        finally:
+            self._collecting = False
+            for s in self.layers.values():
+                missing = [c for c in s.captures if c.g is None]
+                if missing:
+                    warnings.warn(
+                        f"layer {s.name!r}: {len(missing)} forward pass(es) inside collect()"
+                        " had no backward inside it; they are dropped from the curvature batch",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                    s.captures = [c for c in s.captures if c.g is not None]
+
+    @property
+    def collecting(self) -> bool:
+        return self._collecting
+
+    def _forward_hook(self, module: nn.Module, inputs, output) -> None:
+        if not self._collecting or not torch.is_grad_enabled() or not output.requires_grad:
+            return
+        state = self._by_module[id(module)]
+        cap = _Capture(a=state.adapter.inputs(module, inputs[0]))
+        state.captures.append(cap)
+        scale = float(inputs[0].shape[0]) if self._reduction == "mean" else 1.0
+
+        def grad_hook(grad: Tensor) -> None:
+            if self._collecting:
+                cap.g = state.adapter.output_grads(module, grad) * scale
+                cap.spatial = state.adapter.spatial_shape(module, grad)
+
+        output.register_hook(grad_hook)
+
+    # ------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self) -> bool:
+        """Update curvature/inverses as scheduled and precondition the layers' gradients.
+
+        Returns True if the gradients were preconditioned, False if the step was skipped
+        because of a non-finite gradient (see ``nonfinite``).
+        """
+        self._fold_in_captures()
+        grads = {}
+        for s in self.layers.values():
+            G = s.adapter.grad_matrix(s.module)
+            if G is not None:
+                grads[s.name] = G
+        bad = [n for n, G in grads.items() if not torch.isfinite(G).all()]
+        if bad:
+            return self._reject(f"non-finite gradient in layer(s) {bad}")
+        missing = [n for n in grads if self.layers[n].curvature is None]
+        if missing:
+            raise RuntimeError(
+                f"no curvature for layer(s) {missing} yet: run a forward and backward inside"
+                " `with precond.collect():` before the first step (a layer that is never"
+                " called through its module's forward cannot be preconditioned)"
+            )
+        due = self.steps % self.inv_update_freq == 0
+        for n in grads:
+            s = self.layers[n]
+            if s.inverse is None or due or s.inverse_damping != self.damping:
+                self._refresh_inverse(s)
+        out = self._precondition({self.layers[n]: G for n, G in grads.items()})
+        bad = [s.name for s, X in out.items() if not torch.isfinite(X).all()]
+        if bad:
+            return self._reject(f"preconditioning produced non-finite values in {bad}")
+        nu = self._kl_scale(out, grads)
+        for s, X in out.items():
+            s.adapter.set_grad_matrix(s.module, X * nu if nu != 1.0 else X)
+        self.steps += 1
+        return True
+
+    def _reject(self, msg: str) -> bool:
+        if self.nonfinite == "raise":
+            raise NonFiniteError(msg)
+        warnings.warn(f"{msg}: step skipped, all gradients cleared", RuntimeWarning,
+                      stacklevel=3)
+        for p in self.model.parameters():
+            p.grad = None
+        self.skipped_steps += 1
+        self.steps += 1
+        return False
+
+    def _fold_in_captures(self) -> None:
+        batch = {}
+        for s in self.layers.values():
+            caps, s.captures = [c for c in s.captures if c.g is not None], []
+            if not caps:
+                continue
+            if len({c.spatial for c in caps}) > 1:
+                raise ValueError(f"layer {s.name!r}: captures with different output sizes")
+            a = torch.cat([c.a for c in caps])
+            g = torch.cat([c.g for c in caps])
+            if not (torch.isfinite(a).all() and torch.isfinite(g).all()):
+                if self.nonfinite == "raise":
+                    raise NonFiniteError(f"non-finite curvature statistics in layer {s.name!r}")
+                warnings.warn(
+                    f"non-finite curvature statistics in layer {s.name!r}: curvature update"
+                    " skipped for this layer",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                continue
+            batch[s] = (a, g, caps[0].spatial)
+        if batch:
+            self._update_curvature(batch)
+
+    def _decay(self, state: LayerState) -> float:
+        """min(1 − 1/k, ρ) for the k-th curvature batch (k counted from 1)."""
+        return min(1.0 - 1.0 / (state.updates + 1), self.ema_decay)
+
+    def _kl_scale(self, out: dict, grads: dict) -> float:
+        if self.kl_clip is None:
+            return 1.0
+        vg = sum(float((X * grads[s.name]).sum()) for s, X in out.items()) * self.lr**2
+        if not vg > 0:
+            return 1.0
+        return min(1.0, math.sqrt(self.kl_clip / vg))
+
+    # ---------------------------------------------------- subclass operations
+    def _update_curvature(self, batch: dict[LayerState, tuple[Tensor, Tensor, tuple]]) -> None:
+        raise NotImplementedError
+
+    def _refresh_inverse(self, state: LayerState) -> None:
+        raise NotImplementedError
+
+    def _precondition(self, grads: dict[LayerState, Tensor]) -> dict[LayerState, Tensor]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ access
+    def _state_of(self, module: nn.Module) -> LayerState:
+        s = self._by_module.get(id(module))
+        if s is None:
+            raise KeyError(
+                f"{type(module).__name__} module is not registered with this preconditioner"
+            )
+        return s
+
+    def curvature(self, module: nn.Module):
+        """The layer's current curvature (after the running average)."""
+        return self._state_of(module).curvature
+
+    # -------------------------------------------------------------- state_dict
+    _HYPER = ("damping", "ema_decay", "cov_update_freq", "inv_update_freq", "kl_clip", "lr")
+
+    def state_dict(self) -> dict:
+        """Everything needed for a resumed run to produce the same preconditioned gradients."""
+        layers = {}
+        for name, s in self.layers.items():
+            layers[name] = {
+                "updates": s.updates,
+                "curvature": self._pack(s.curvature),
+                "inverse_source": None
+                if s.inverse_source is s.curvature
+                else self._pack(s.inverse_source),
+                "inverse_is_curvature": s.inverse_source is s.curvature,
+                "inverse_damping": s.inverse_damping,
+            }
+        return {
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "hyper": {k: getattr(self, k) for k in self._HYPER},
+            "layers": layers,
+            "extra": self._extra_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        names = set(state["layers"])
+        if names != set(self.layers):
+            raise ValueError(
+                f"state_dict layers {sorted(names)} do not match this model's {sorted(self.layers)}"
+            )
+        for k, v in state["hyper"].items():
+            setattr(self, k, v)
+        self.steps = state["steps"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        for name, d in state["layers"].items():
+            s = self.layers[name]
+            s.updates = d["updates"]
+            s.curvature = self._unpack(d["curvature"])
+            s.inverse_source = (
+                s.curvature if d["inverse_is_curvature"] else self._unpack(d["inverse_source"])
+            )
+            s.inverse, s.inverse_damping = None, None
+            if s.inverse_source is not None and d["inverse_damping"] is not None:
+                self._factorize(s, s.inverse_source, d["inverse_damping"])
+        self._load_extra_state(state.get("extra", {}))
+
+    def _pack(self, curvature):
+        raise NotImplementedError
+
+    def _unpack(self, packed):
+        raise NotImplementedError
+
+    def _factorize(self, state: LayerState, source, damping: float) -> None:
+        raise NotImplementedError
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(layers={len(self.layers)}, skipped={len(self.skipped)},"
+            f" damping={self.damping}, steps={self.steps})"
+        )
+
+
+def _check_positive_int(name: str, v) -> None:
+    if not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+def _check_damping(d) -> float:
+    if not (isinstance(d, int | float) and math.isfinite(d) and d >= 0):
+        raise ValueError(f"damping must be a finite number >= 0, got {d!r}")
+    return float(d)

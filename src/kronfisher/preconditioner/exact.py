@@ -1,0 +1,166 @@
+"""Exact natural gradient for small networks: dense Fisher blocks or the full Fisher."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import LayerState, Preconditioner
+
+__all__ = ["ExactNG", "per_example_gradients"]
+
+
+def per_example_gradients(a: Tensor, g: Tensor) -> Tensor:
+    """vec(Σ_t g_{it} a_{it}ᵀ) for each example: (m, d_a·d_g), column-stacking vec."""
+    return torch.einsum("ita,itg->iag", a, g).reshape(a.shape[0], -1)
+
+
+class ExactNG(Preconditioner):
+    """Natural gradient with the exact Fisher, solved densely — the reference baseline.
+
+    With ``block_diagonal=True`` each layer uses its exact block
+    F_l = (1/m) Σᵢ vec(∇_l ℓᵢ) vec(∇_l ℓᵢ)ᵀ; with ``False`` all registered layers share
+    the full Fisher, cross-layer blocks included. Per-example gradients come from the
+    same captured (a, g) as the Kronecker methods (exact for Linear and Conv2d). The
+    update is (F + λI)⁻¹ ∇, via an eigendecomposition refreshed every
+    ``inv_update_freq`` steps. Refuses models whose registered layers have more than
+    ``max_params`` parameters (the dense Fisher has that size squared).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        damping: float = 1e-3,
+        block_diagonal: bool = True,
+        ema_decay: float = 0.95,
+        cov_update_freq: int = 1,
+        inv_update_freq: int = 1,
+        kl_clip: float | None = None,
+        lr: float | None = None,
+        max_params: int = 10_000,
+        nonfinite: str = "skip",
+    ):
+        self.block_diagonal = block_diagonal
+        super().__init__(
+            model, damping=damping, ema_decay=ema_decay, cov_update_freq=cov_update_freq,
+            inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
+        )
+        sizes = {n: sum(p.numel() for p in s.adapter.params(s.module))
+                 for n, s in self.layers.items()}
+        total = sum(sizes.values())
+        largest = total if not block_diagonal else max(sizes.values())
+        if largest > max_params:
+            raise ValueError(
+                f"ExactNG would form a dense {largest} × {largest} Fisher"
+                f" ({'full' if not block_diagonal else 'largest block'}); the limit is"
+                f" max_params={max_params}. Use a Kronecker method or raise max_params."
+            )
+        self._offsets, off = {}, 0
+        for n, k in sizes.items():
+            self._offsets[n] = (off, off + k)
+            off += k
+        self._full: Tensor | None = None  # full Fisher when not block-diagonal
+        self._full_updates = 0
+        self._full_inverse = None
+
+    # -------------------------------------------------------------- curvature
+    def _update_curvature(self, batch: dict[LayerState, tuple[Tensor, Tensor, tuple]]) -> None:
+        if self.block_diagonal:
+            for s, (a, g, _) in batch.items():
+                J = per_example_gradients(a, g)
+                F = J.mT @ J / J.shape[0]
+                rho = self._decay(s)
+                s.curvature = F if s.curvature is None or rho == 0 else (
+                    rho * s.curvature + (1 - rho) * F)
+                s.updates += 1
+            return
+        if len(batch) != len(self.layers):
+            missing = sorted(set(self.layers) - {s.name for s in batch})
+            raise RuntimeError(
+                f"full-Fisher ExactNG needs statistics of every layer; missing {missing}"
+            )
+        ms = {a.shape[0] for a, _, _ in batch.values()}
+        if len(ms) != 1:
+            raise RuntimeError("all layers must see the same examples for the full Fisher")
+        J = torch.cat([per_example_gradients(a, g) for s, (a, g, _) in
+                       sorted(batch.items(), key=lambda kv: self._offsets[kv[0].name][0])], 1)
+        F = J.mT @ J / J.shape[0]
+        rho = min(1.0 - 1.0 / (self._full_updates + 1), self.ema_decay)
+        self._full = F if self._full is None or rho == 0 else rho * self._full + (1 - rho) * F
+        self._full_updates += 1
+        for s in self.layers.values():
+            lo, hi = self._offsets[s.name]
+            s.curvature = self._full[lo:hi, lo:hi]
+            s.updates = self._full_updates
+
+    def _refresh_inverse(self, state: LayerState) -> None:
+        if self.block_diagonal:
+            self._factorize(state, state.curvature, self.damping)
+            return
+        inv = self._full_inverse
+        stale = inv is None or inv[3] != self.damping or (
+            self.steps % self.inv_update_freq == 0 and inv[4] != self.steps)
+        if stale:
+            e, U = torch.linalg.eigh(self._full)
+            self._full_inverse = (e, U, self._full, self.damping, self.steps)
+        state.inverse, state.inverse_source = self._full_inverse, self._full_inverse[2]
+        state.inverse_damping = self.damping
+
+    def _factorize(self, state: LayerState, source: Tensor, damping: float) -> None:
+        if not self.block_diagonal:
+            return  # the shared full-Fisher inverse is restored by _load_extra_state
+        e, U = torch.linalg.eigh(source)
+        state.inverse, state.inverse_source, state.inverse_damping = (e, U), source, damping
+
+    def _precondition(self, grads: dict[LayerState, Tensor]) -> dict[LayerState, Tensor]:
+        if self.block_diagonal:
+            return {s: self._solve(s.inverse[0], s.inverse[1], G, s.inverse_damping)
+                    for s, G in grads.items()}
+        e, U = self._full_inverse[0], self._full_inverse[1]
+        v = torch.zeros(e.shape[0], dtype=e.dtype, device=e.device)
+        for s, G in grads.items():
+            lo, hi = self._offsets[s.name]
+            v[lo:hi] = G.mT.reshape(-1).to(e.dtype)
+        x = U @ ((U.mT @ v) / (e.clamp_min(0) + self.damping))
+        out = {}
+        for s, G in grads.items():
+            lo, hi = self._offsets[s.name]
+            out[s] = x[lo:hi].reshape(G.shape[1], G.shape[0]).mT.to(G.dtype)
+        return out
+
+    @staticmethod
+    def _solve(e: Tensor, U: Tensor, G: Tensor, damping: float) -> Tensor:
+        v = G.mT.reshape(-1).to(e.dtype)
+        x = U @ ((U.mT @ v) / (e.clamp_min(0) + damping))
+        return x.reshape(G.shape[1], G.shape[0]).mT.to(G.dtype)
+
+    # -------------------------------------------------------------- state
+    def _pack(self, curvature):
+        return None if curvature is None else curvature.clone()
+
+    def _unpack(self, packed):
+        return packed
+
+    def _extra_state(self) -> dict:
+        inv = self._full_inverse
+        return {
+            "block_diagonal": self.block_diagonal,
+            "full": self._full,
+            "full_updates": self._full_updates,
+            "full_inverse": None if inv is None else (inv[2], inv[3], inv[4]),
+        }
+
+    def _load_extra_state(self, extra: dict) -> None:
+        if extra.get("block_diagonal", self.block_diagonal) != self.block_diagonal:
+            raise ValueError("state_dict block_diagonal setting differs from this ExactNG")
+        if self.block_diagonal:
+            return
+        self._full, self._full_updates = extra["full"], extra["full_updates"]
+        self._full_inverse = None
+        if extra["full_inverse"] is not None:
+            src, damping, step = extra["full_inverse"]
+            e, U = torch.linalg.eigh(src)
+            self._full_inverse = (e, U, src, damping, step)
+            for s in self.layers.values():
+                s.inverse, s.inverse_source, s.inverse_damping = self._full_inverse, src, damping

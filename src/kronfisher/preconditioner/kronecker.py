@@ -1,0 +1,154 @@
+"""Kronecker-factored preconditioners: one class, parameterised by a curvature estimator."""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import Tensor, nn
+
+from ..curvature import KroneckerEstimator
+from ..linalg import KroneckerSum, SingularFactorError
+from .base import LayerState, Preconditioner
+
+__all__ = ["KroneckerPreconditioner", "KFAC", "KPSVD", "Deflation", "KFACCorrected", "Lanczos"]
+
+
+class KroneckerPreconditioner(Preconditioner):
+    """Natural-gradient preconditioner with a Kronecker-structured curvature per layer.
+
+    Each layer's gradient matrix V (d_g × d_a, bias last column) is replaced by
+    ``curvature.solve(V, damping, damping_scheme)`` (see :class:`KroneckerSum`).
+
+    Args (besides :class:`Preconditioner`'s):
+        method: "kfac", "kpsvd", "deflation", "kfac_corrected" or "lanczos".
+        solver: "auto", "power", "lanczos" or "gram" (SVD-based methods).
+        rank: number of Kronecker terms (KPSVD only; default 1).
+        conv_radius: Conv2d location pairs kept by the SVD-based methods: 0 (spatial
+            independence, the default), an integer r (Chebyshev distance ≤ r on the
+            output grid) or "all" (the exact conv block). KFAC always uses KFC.
+        damping_scheme: "tikhonov" (exact A⊗G + λI, one-term methods) or "factored"
+            ((A + π√λ I)⊗(G + √λ/π I)). Two-term methods always damp the first term in
+            factored form (DESIGN.md §5).
+        tol, max_iter: solver tolerance (relative) and iteration cap.
+    """
+
+    method: str = ""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        method: str | None = None,
+        damping: float = 1e-3,
+        ema_decay: float = 0.95,
+        cov_update_freq: int = 1,
+        inv_update_freq: int = 1,
+        kl_clip: float | None = None,
+        lr: float | None = None,
+        solver: str = "auto",
+        rank: int | None = None,
+        conv_radius: int | str = 0,
+        damping_scheme: str = "tikhonov",
+        tol: float | None = None,
+        max_iter: int | None = None,
+        nonfinite: str = "skip",
+    ):
+        method = method or self.method
+        if damping_scheme not in ("tikhonov", "factored"):
+            raise ValueError(
+                f"damping_scheme must be 'tikhonov' or 'factored', got {damping_scheme!r}"
+            )
+        self.estimator = KroneckerEstimator(
+            method, solver=solver, rank=rank, conv_radius=conv_radius, tol=tol,
+            max_iter=max_iter,
+        )
+        self.method = method
+        self.damping_scheme = damping_scheme
+        super().__init__(
+            model, damping=damping, ema_decay=ema_decay, cov_update_freq=cov_update_freq,
+            inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
+        )
+
+    def _update_curvature(self, batch: dict[LayerState, tuple[Tensor, Tensor, tuple]]) -> None:
+        for s, (a, g, spatial) in batch.items():
+            new = self.estimator.estimate(a, g, spatial, s.curvature)
+            s.curvature = self.estimator.average(s.curvature, new, self._decay(s))
+            s.updates += 1
+
+    def _refresh_inverse(self, state: LayerState) -> None:
+        self._factorize(state, state.curvature, self.damping)
+
+    def _factorize(self, state: LayerState, source: KroneckerSum, damping: float) -> None:
+        lam = damping
+        for attempt in range(4):
+            try:
+                source.factorize(lam, self.damping_scheme)
+                break
+            except SingularFactorError as e:
+                if attempt == 3:
+                    raise SingularFactorError(
+                        f"layer {state.name!r}: cannot factorise the damped curvature even with"
+                        f" damping {lam:g}: {e}"
+                    ) from e
+                lam = max(lam * 10.0, 1e-8)
+                warnings.warn(
+                    f"layer {state.name!r}: {e}; retrying with damping {lam:g}",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        state.inverse_source, state.inverse_damping = source, damping
+        state.inverse = (source, lam)
+
+    def _precondition(self, grads: dict[LayerState, Tensor]) -> dict[LayerState, Tensor]:
+        out = {}
+        for s, G in grads.items():
+            source, lam = s.inverse
+            out[s] = source.solve(G.to(source.dtype), lam, self.damping_scheme).to(G.dtype)
+        return out
+
+    def _pack(self, curvature):
+        if curvature is None:
+            return None
+        return [(A.clone(), G.clone()) for A, G in curvature.terms]
+
+    def _unpack(self, packed):
+        return None if packed is None else KroneckerSum([tuple(t) for t in packed])
+
+    def _extra_state(self) -> dict:
+        return {"method": self.method, "damping_scheme": self.damping_scheme}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        if extra.get("method", self.method) != self.method:
+            raise ValueError(
+                f"state_dict is from method {extra['method']!r}, this is {self.method!r}"
+            )
+
+
+class KFAC(KroneckerPreconditioner):
+    """K-FAC (Martens & Grosse 2015; KFC for Conv2d): A_K ⊗ G_K per layer."""
+
+    method = "kfac"
+
+
+class KPSVD(KroneckerPreconditioner):
+    """Best rank-1 (``rank=k``: rank-k) Kronecker approximation of each Fisher block."""
+
+    method = "kpsvd"
+
+
+class Deflation(KroneckerPreconditioner):
+    """Best rank-2 Kronecker approximation (the paper's power iteration + deflation)."""
+
+    method = "deflation"
+
+
+class KFACCorrected(KroneckerPreconditioner):
+    """KFAC plus the best rank-1 Kronecker correction of its residual."""
+
+    method = "kfac_corrected"
+
+
+class Lanczos(KroneckerPreconditioner):
+    """Best rank-2 Kronecker approximation (Golub–Kahan–Lanczos bidiagonalisation)."""
+
+    method = "lanczos"
