@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -111,6 +112,8 @@ class Preconditioner:
         self.nonfinite = nonfinite
         self.steps = 0
         self.skipped_steps = 0
+        # wall-clock seconds spent in each phase of step(), accumulated (for benchmarks)
+        self.timings = {"curvature": 0.0, "inverse": 0.0, "precondition": 0.0}
         self.layers: dict[str, LayerState] = {}
         self.skipped: list[str] = []
         self.skip_reasons: dict[str, str] = {}
@@ -212,7 +215,10 @@ class Preconditioner:
         Returns True if the gradients were preconditioned, False if the step was skipped
         because of a non-finite gradient (see ``nonfinite``).
         """
+        t0 = time.perf_counter()
         self._fold_in_captures()
+        t1 = time.perf_counter()
+        self.timings["curvature"] += t1 - t0
         grads = {}
         for s in self.layers.values():
             G = s.adapter.grad_matrix(s.module)
@@ -229,10 +235,13 @@ class Preconditioner:
                 " called through its module's forward cannot be preconditioned)"
             )
         due = self.steps % self.inv_update_freq == 0
+        t1 = time.perf_counter()
         for n in grads:
             s = self.layers[n]
             if s.inverse is None or due or s.inverse_damping != self.damping:
                 self._refresh_inverse(s)
+        t2 = time.perf_counter()
+        self.timings["inverse"] += t2 - t1
         out = self._precondition({self.layers[n]: G for n, G in grads.items()})
         bad = [s.name for s, X in out.items() if not torch.isfinite(X).all()]
         if bad:
@@ -240,6 +249,7 @@ class Preconditioner:
         nu = self._kl_scale(out, grads)
         for s, X in out.items():
             s.adapter.set_grad_matrix(s.module, X * nu if nu != 1.0 else X)
+        self.timings["precondition"] += time.perf_counter() - t2
         self.steps += 1
         return True
 
