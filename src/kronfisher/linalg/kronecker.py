@@ -116,6 +116,10 @@ class KroneckerSum:
 
     * one term, ``scheme="tikhonov"`` (default): A ⊗ G + λ I exactly, through the
       eigendecompositions A = U_a Λ_a U_aᵀ and G = U_g Λ_g U_gᵀ.
+
+    The first term's factors are taken as positive semi-definite (true for every method
+    in this package): negative eigenvalues of A₁ and G₁, which arise from rounding, are
+    set to 0 before damping.
     * one term, ``scheme="factored"``: (A + π√λ I) ⊗ (G + √λ/π I).
     * two terms (both schemes): (A₁ + π√λ I) ⊗ (G₁ + √λ/π I) + A₂ ⊗ G₂, by simultaneous
       diagonalisation of the two A's and of the two G's (DESIGN.md §5). For λ = 0 the
@@ -251,8 +255,12 @@ class KroneckerSum:
 
     def _factorize_one(self, damping: float, scheme: str, eig_floor: float):
         A, G = self._terms[0]
+        # The factors of every method's first term are PSD; negative eigenvalues are
+        # rounding (float32 eigh of a large PSD matrix) and would make λ_g λ_a + λ
+        # meaningless, so they are set to 0.
         ea, Ua = _eigh(_sym(A))
         eg, Ug = _eigh(_sym(G))
+        ea, eg = ea.clamp_min(0), eg.clamp_min(0)
         if scheme == "factored" and damping > 0:
             pi = pi_factor(A, G)
             ea = ea + pi * math.sqrt(damping)
@@ -332,8 +340,8 @@ def _congruence(
     X1: Tensor, X2: Tensor, shift: float, name: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """K with Kᵀ(X1 + shift·I)K = I and Kᵀ X2 K = diag(s); returns (K, K⁻¹, s)."""
-    n = X1.shape[0]
-    e, U = _eigh(_sym(X1) + shift * torch.eye(n, dtype=X1.dtype, device=X1.device))
+    e, U = _eigh(_sym(X1))
+    e = e.clamp_min(0) + shift  # X1 is PSD: negative eigenvalues are rounding
     floor = 1e-12 * e.abs().max().clamp_min(torch.finfo(e.dtype).tiny)
     if (e <= floor).any():
         raise SingularFactorError(
