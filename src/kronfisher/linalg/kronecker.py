@@ -42,16 +42,26 @@ def _check_square(name: str, x: Tensor) -> None:
 
 
 def _eigh(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric eigendecomposition that falls back to float64 if LAPACK fails."""
+    """Symmetric eigendecomposition; retried in float64 (then with jitter) if LAPACK fails.
+
+    float32 ``syevd`` can fail, or return NaN, on low-rank factors with many repeated
+    zero eigenvalues (e.g. curvature from a batch smaller than the layer width).
+    """
     try:
-        return torch.linalg.eigh(x)
+        vals, vecs = torch.linalg.eigh(x)
+        if bool(torch.isfinite(vals).all()) and bool(torch.isfinite(vecs).all()):
+            return vals, vecs
     except (torch.linalg.LinAlgError, RuntimeError):
-        if x.dtype == torch.float64:
-            jitter = 1e-12 * x.diagonal().abs().max().clamp_min(1e-300)
-            vals, vecs = torch.linalg.eigh(x + jitter * torch.eye(x.shape[0], dtype=x.dtype))
-            return vals - jitter, vecs
-        vals, vecs = torch.linalg.eigh(x.double())
-        return vals.to(x.dtype), vecs.to(x.dtype)
+        pass
+    xd = x.double()
+    try:
+        vals, vecs = torch.linalg.eigh(xd)
+    except (torch.linalg.LinAlgError, RuntimeError):
+        jitter = 1e-12 * float(xd.diagonal().abs().max().clamp_min(1e-300))
+        eye = torch.eye(x.shape[0], dtype=xd.dtype, device=x.device)
+        vals, vecs = torch.linalg.eigh(xd + jitter * eye)
+        vals = vals - jitter
+    return vals.to(x.dtype), vecs.to(x.dtype)
 
 
 def pi_factor(A: Tensor, G: Tensor) -> float:

