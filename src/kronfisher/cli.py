@@ -53,7 +53,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-subset", type=_positive_int, default=None, metavar="N",
                    help="train on the first N training examples only")
     p.add_argument("--eval-subset", type=_positive_int, default=None, metavar="N",
-                   help="evaluate the training loss on the first N examples (default: all)")
+                   help="evaluate train and test losses on the first N examples of each"
+                        " (default: all)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

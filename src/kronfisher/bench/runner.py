@@ -46,7 +46,7 @@ class RunConfig:
     inv_update_freq: int | None = None
     solver: str = "auto"
     train_subset: int | None = None  # use only the first n training examples
-    eval_subset: int | None = None  # evaluate the training loss on the first n examples
+    eval_subset: int | None = None  # evaluate on the first n train (and test) examples
 
     def __post_init__(self):
         if self.problem not in PROBLEMS:
@@ -107,8 +107,9 @@ def train(cfg: RunConfig, train_data: Tensor, test_data: Tensor, *, progress: bo
           log=None) -> dict:
     """Train per ``cfg``; returns a JSON-serialisable record (history, phase times, status).
 
-    The training loss is evaluated on the whole training set (or ``eval_subset``) after
-    every epoch and at the end; ``wall_time`` counts training only, not evaluation.
+    The training and test losses are evaluated on the whole sets (or their first
+    ``eval_subset`` examples) after every epoch and at the end; ``wall_time`` counts
+    training only, not evaluation.
     """
     h = cfg.resolved_hyper()
     p = PROBLEMS[cfg.problem]
@@ -117,6 +118,7 @@ def train(cfg: RunConfig, train_data: Tensor, test_data: Tensor, *, progress: bo
     if cfg.train_subset:
         train_data = train_data[: cfg.train_subset]
     eval_train = train_data[: cfg.eval_subset] if cfg.eval_subset else train_data
+    eval_test = test_data[: cfg.eval_subset] if cfg.eval_subset else test_data
     n = len(train_data)
     bs = min(h.batch_size, n)
     steps_per_epoch = max(n // bs, 1)
@@ -145,7 +147,7 @@ def train(cfg: RunConfig, train_data: Tensor, test_data: Tensor, *, progress: bo
 
     def record(epoch: float) -> dict:
         tr, tr_px = evaluate(model, eval_train, p.likelihood)
-        te, te_px = evaluate(model, test_data, p.likelihood)
+        te, te_px = evaluate(model, eval_test, p.likelihood)
         row = {"epoch": round(epoch, 4), "step": step, "wall_time": wall, "train_loss": tr,
                "train_loss_pixel": tr_px, "test_loss": te, "test_loss_pixel": te_px}
         history.append(row)
