@@ -154,3 +154,28 @@ def test_clamped_solve_inverts_the_factorisation_dense_form():
     V = torch.randn(2, 2, dtype=D)
     torch.testing.assert_close(vec(ks.solve(V, 0.0)), torch.linalg.solve(M, vec(V)),
                                rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_terms", [1, 2])
+@pytest.mark.parametrize("scheme", ["tikhonov", "factored"])
+def test_factors_with_exactly_zero_rows(n_terms, scheme):
+    """Dead units / constant-zero inputs give zero rows and columns in every factor."""
+    A1, G1 = spd(6, 0), spd(5, 1)
+    A2, G2 = 0.05 * sym(6, 2), 0.05 * sym(5, 3)
+    for M, zero in ((A1, [1, 4]), (A2, [1, 4]), (G1, [0]), (G2, [0])):
+        M[zero, :] = 0
+        M[:, zero] = 0
+    ks = KroneckerSum([(A1, G1), (A2, G2)][:n_terms])
+    V = torch.randn(2, 5, 6, dtype=D)
+    for lam in (1e-3, 0.3):
+        if n_terms == 2 and scheme == "tikhonov":
+            scheme_used = "tikhonov"  # two terms always damp the first term in factored form
+        else:
+            scheme_used = scheme
+        dense = ks.to_dense(lam, scheme_used)
+        X = ks.solve(V, lam, scheme_used)
+        ref = torch.linalg.solve(dense, torch.stack([vec(v) for v in V]).T).T
+        torch.testing.assert_close(torch.stack([vec(x) for x in X]), ref, rtol=1e-9,
+                                   atol=1e-11)
+        torch.testing.assert_close(ks.factorize(lam, scheme_used).to_dense(), dense,
+                                   rtol=1e-9, atol=1e-11)

@@ -11,6 +11,12 @@ Every factorisation here represents the matrix it inverts as
 
 with orthogonal K for one term (eigenvectors) and congruence transforms for two terms
 (simultaneous diagonalisation). ``to_dense(damping)`` returns exactly that M.
+
+Performance (same results up to rounding): coordinates whose row and column are zero in
+every factor of a side (inputs that are always 0, dead ReLU units) are split off exactly —
+the eigenproblems run on the rest and ``solve`` multiplies only the nonzero blocks; the
+two-term congruence uses a Cholesky factor of the damped first factor and one eigh instead
+of two eighs whenever the damping clearly dominates rounding (else the two-eigh reference).
 """
 
 from __future__ import annotations
@@ -39,6 +45,102 @@ def _sym(x: Tensor) -> Tensor:
 def _check_square(name: str, x: Tensor) -> None:
     if x.ndim != 2 or x.shape[0] != x.shape[1]:
         raise ValueError(f"{name} must be a square matrix, got shape {tuple(x.shape)}")
+
+
+def _all_finite(x: Tensor) -> bool:
+    """torch.isfinite(x).all(), usually in one pass: a sum with a NaN or ±Inf term is never
+    finite, so a finite sum proves every entry finite; otherwise check entrywise (the sum
+    of finite entries may overflow)."""
+    if bool(torch.isfinite(x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
+def _support(*xs: Tensor) -> Tensor | None:
+    """Indices of the coordinates j where some x in ``xs`` has a nonzero row j or column j,
+    or None if that is every coordinate. Zero rows/columns (inputs that are always 0, dead
+    units) decouple: they span an exact invariant subspace, so the eigenproblems shrink to
+    the support and the solves act on it (and by a scalar on the rest)."""
+    cand = None  # a zero row has a zero diagonal entry: test only those rows entrywise
+    for x in xs:
+        c = x.diagonal() == 0
+        cand = c if cand is None else cand & c
+    if not bool(cand.any()):
+        return None
+    rows = cand.nonzero().squeeze(1)
+    zero = torch.ones(rows.numel(), dtype=torch.bool, device=rows.device)
+    for x in xs:
+        zero &= (x.index_select(0, rows) == 0).all(1) & (x.index_select(1, rows) == 0).all(0)
+    if not bool(zero.any()):
+        return None
+    keep = torch.ones(xs[0].shape[0], dtype=torch.bool, device=rows.device)
+    keep[rows[zero]] = False
+    return keep.nonzero().squeeze(1)
+
+
+def _restrict(x: Tensor, idx: Tensor | None) -> Tensor:
+    """sym(x) restricted to the rows and columns ``idx`` (all of them if None)."""
+    if idx is None:
+        return _sym(x)
+    return _sym(x.index_select(0, idx).index_select(1, idx))
+
+
+@dataclass
+class _Side:
+    """One side (A or G) of a factorisation with zero coordinates: K[idx][:, pos] = Ks,
+    K[zidx, zpos] = c·I and zero elsewhere (idx, zidx: support and zero coordinates,
+    ascending; pos, zpos: the matching columns of K)."""
+
+    idx: Tensor
+    zidx: Tensor
+    Ks: Tensor
+    c: float
+    pos: Tensor
+    zpos: Tensor
+
+    @staticmethod
+    def dense(K: Tensor) -> _Side:
+        n = K.shape[0]
+        ar = torch.arange(n, device=K.device)
+        empty = ar[:0]
+        return _Side(ar, empty, K, 1.0, ar, empty)
+
+
+def _embed(
+    Ks: Tensor, vals: Tensor, idx: Tensor, n: int, zero_val: float, c: float
+) -> tuple[Tensor, Tensor, _Side]:
+    """Embed the values/columns ``Ks`` (k × k, acting on the coordinates ``idx``) into
+    dimension n: the n − k other coordinates get the value ``zero_val`` and columns c·e_j.
+    Values stay in ascending order (the zero block is inserted where ``zero_val``
+    belongs). Returns (vals, K, side)."""
+    z = n - idx.numel()
+    dev = Ks.device
+    p = int((vals < zero_val).sum())
+    zero_rows = torch.ones(n, dtype=torch.bool, device=dev)
+    zero_rows[idx] = False
+    zidx = zero_rows.nonzero().squeeze(1)
+    out_vals = torch.cat([vals[:p], vals.new_full((z,), zero_val), vals[p:]])
+    pos = torch.cat([torch.arange(p, device=dev), torch.arange(p + z, n, device=dev)])
+    zpos = torch.arange(p, p + z, device=dev)
+    # column-major like eigh's eigenvectors, so that K.mT (K⁻¹ of one term) is contiguous
+    K = Ks.new_zeros(n, n).mT
+    K[idx[:, None], pos] = Ks
+    K[zidx, zpos] = c
+    return out_vals, K, _Side(idx, zidx, Ks, c, pos, zpos)
+
+
+def _eigh_sym(x: Tensor) -> tuple[Tensor, Tensor, _Side | None]:
+    """_eigh of sym(x), computed on its support (exact zero eigenvalues with unit
+    eigenvectors elsewhere; ascending order as torch.linalg.eigh), and the side."""
+    idx = _support(x)
+    if idx is None:
+        e, U = _eigh(_sym(x))
+        return e, U, None
+    if idx.numel():
+        e_s, U_s = _eigh(_restrict(x, idx))
+    else:
+        e_s, U_s = x.new_zeros(0), x.new_zeros(0, 0)
+    return _embed(U_s, e_s, idx, x.shape[0], 0.0, 1.0)
 
 
 def _eigh(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -92,6 +194,7 @@ class KroneckerFactorization:
     scheme: str
     clamped: int = 0
     extra_terms: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    blocks: _Blocks | None = field(default=None, repr=False)  # fast solve, same result
 
     def solve(self, V: Tensor) -> Tensor:
         """X (d_g × d_a) with vec(X) = M⁻¹ vec(V); V may carry leading batch dimensions."""
@@ -103,6 +206,8 @@ class KroneckerFactorization:
                 f" got {tuple(V.shape)}"
             )
         V = V.to(self.D.dtype)
+        if self.blocks is not None:
+            return self.blocks.solve(V)
         return self.K_g @ ((self.K_g.mT @ V @ self.K_a) / self.D) @ self.K_a.mT
 
     def apply(self, V: Tensor) -> Tensor:
@@ -114,6 +219,62 @@ class KroneckerFactorization:
         left = torch.kron(self.K_a_inv, self.K_g_inv)
         d = self.D.mT.reshape(-1)  # vec(D): column stacking
         return left.mT @ (d[:, None] * left)
+
+
+class _Blocks:
+    """:meth:`KroneckerFactorization.solve` for factors with zero coordinates.
+
+    With rows/columns permuted to (support, zero) order on both sides, K_g and K_a are
+    block diagonal, diag(Ks, c·I), so the four products act on the support only:
+
+        X_ss = K_gs [(K_gsᵀ V_ss K_as) ⊘ D_ss] K_asᵀ     X_sz = K_gs [(K_gsᵀ V_sz) ⊙ c_a²/D_sz]
+        X_zs = [(V_zs K_as) ⊙ c_g²/D_zs] K_asᵀ           X_zz = V_zz ⊙ c_g² c_a²/D_zz
+
+    — the same sums as the dense formula without the terms that are exactly zero.
+    """
+
+    def __init__(self, g: _Side, a: _Side, D: Tensor):
+        self.g, self.a = g, a
+        self.kg, self.ka = g.idx.numel(), a.idx.numel()
+        self.rows = torch.cat([g.idx, g.zidx]) if g.zidx.numel() else None
+        self.cols = torch.cat([a.idx, a.zidx]) if a.zidx.numel() else None
+        self.inv_rows = None if self.rows is None else torch.argsort(self.rows)
+        self.inv_cols = None if self.cols is None else torch.argsort(self.cols)
+        Dp = D.index_select(0, torch.cat([g.pos, g.zpos]))
+        Dp = Dp.index_select(1, torch.cat([a.pos, a.zpos]))
+        kg, ka = self.kg, self.ka
+        self.D_ss = Dp[:kg, :ka]
+        self.W_sz = (a.c**2) / Dp[:kg, ka:]
+        self.W_zs = (g.c**2) / Dp[kg:, :ka]
+        self.W_zz = (g.c**2 * a.c**2) / Dp[kg:, ka:]
+
+    def _right(self, Y: Tensor, scale: Tensor, divide: bool, zero_scale: Tensor) -> Tensor:
+        """A side for rows Y (columns in (support, zero) order): ((Y_s K_as) ⊘ or ⊙ scale)
+        K_asᵀ on the support columns, then Y_z ⊙ zero_scale on the zero columns."""
+        Ka, ka = self.a.Ks, self.ka
+        Z = Y[..., :ka] @ Ka
+        Z = (Z / scale if divide else Z * scale) @ Ka.mT
+        if self.cols is None:
+            return Z
+        return torch.cat([Z, Y[..., ka:] * zero_scale], -1)
+
+    def solve(self, V: Tensor) -> Tensor:
+        Kg = self.g.Ks
+        P = V if self.cols is None else V.index_select(-1, self.cols)
+        Ps = P if self.rows is None else P.index_select(-2, self.g.idx)
+        X = Kg @ self._right(Kg.mT @ Ps, self.D_ss, True, self.W_sz)
+        if self.rows is not None:
+            bottom = self._right(P.index_select(-2, self.g.zidx), self.W_zs, False, self.W_zz)
+            X = torch.cat([X, bottom], -2).index_select(-2, self.inv_rows)
+        if self.cols is not None:
+            X = X.index_select(-1, self.inv_cols)
+        return X
+
+
+def _blocks(g: _Side | None, a: _Side | None, K_g: Tensor, K_a: Tensor, D: Tensor):
+    if g is None and a is None:
+        return None
+    return _Blocks(g or _Side.dense(K_g), a or _Side.dense(K_a), D)
 
 
 class KroneckerSum:
@@ -235,7 +396,7 @@ class KroneckerSum:
         if key in self._cache:
             return self._cache[key]
         for i, (A, G) in enumerate(self._terms):
-            if not (torch.isfinite(A).all() and torch.isfinite(G).all()):
+            if not (_all_finite(A) and _all_finite(G)):
                 raise ValueError(f"term {i} of the KroneckerSum has non-finite entries")
         if len(self) == 1:
             fac = self._factorize_one(damping, scheme, eig_floor)
@@ -268,8 +429,8 @@ class KroneckerSum:
         # The factors of every method's first term are PSD; negative eigenvalues are
         # rounding (float32 eigh of a large PSD matrix) and would make λ_g λ_a + λ
         # meaningless, so they are set to 0.
-        ea, Ua = _eigh(_sym(A))
-        eg, Ug = _eigh(_sym(G))
+        ea, Ua, side_a = _eigh_sym(A)
+        eg, Ug, side_g = _eigh_sym(G)
         ea, eg = ea.clamp_min(0), eg.clamp_min(0)
         if scheme == "factored" and damping > 0:
             pi = pi_factor(A, G)
@@ -294,14 +455,15 @@ class KroneckerSum:
                 stacklevel=3,
             )
             D = torch.where(bad, floor, D)
-        return KroneckerFactorization(Ua, Ug, D, Ua.mT, Ug.mT, damping, scheme, clamped)
+        return KroneckerFactorization(Ua, Ug, D, Ua.mT, Ug.mT, damping, scheme, clamped,
+                                      blocks=_blocks(side_g, side_a, Ug, Ua, D))
 
     def _factorize_two(self, damping: float, min_ratio: float):
         (A1, G1), (A2, G2) = self._terms[0], self._terms[1]
         pi = pi_factor(A1, G1)
         da, dg = (pi * math.sqrt(damping), math.sqrt(damping) / pi) if damping > 0 else (0, 0)
-        Ka, Ka_inv, sa = _congruence(A1, A2, da, "A")
-        Kg, Kg_inv, sg = _congruence(G1, G2, dg, "G")
+        Ka, Ka_inv, sa, side_a = _congruence(A1, A2, da, "A")
+        Kg, Kg_inv, sg, side_g = _congruence(G1, G2, dg, "G")
         D = 1.0 + sg[:, None] * sa[None, :]
         bad = D <= min_ratio
         clamped = int(bad.sum())
@@ -313,7 +475,8 @@ class KroneckerSum:
                 stacklevel=3,
             )
             D = torch.where(bad, torch.as_tensor(min_ratio, dtype=D.dtype), D)
-        return KroneckerFactorization(Ka, Kg, D, Ka_inv, Kg_inv, damping, "factored", clamped)
+        return KroneckerFactorization(Ka, Kg, D, Ka_inv, Kg_inv, damping, "factored", clamped,
+                                      blocks=_blocks(side_g, side_a, Kg, Ka, D))
 
     def _cg_solve(self, V: Tensor, damping: float, pre: KroneckerFactorization) -> Tensor:
         pre = KroneckerFactorization(pre.K_a, pre.K_g, pre.D, pre.K_a_inv, pre.K_g_inv, damping, "")
@@ -348,9 +511,51 @@ class KroneckerSum:
 
 def _congruence(
     X1: Tensor, X2: Tensor, shift: float, name: str
+) -> tuple[Tensor, Tensor, Tensor, _Side | None]:
+    """K with Kᵀ(X1 + shift·I)K = I and Kᵀ X2 K = diag(s); returns (K, K⁻¹, s, side).
+
+    X1 is PSD up to rounding. When the shift dominates that rounding (shift > 100·eps·‖X1‖_F,
+    which also means X1 + shift·I is safely positive definite), a fast path gives the same
+    K up to rounding: restrict to the coordinates where X1 or X2 is nonzero (elsewhere
+    X1 + shift·I = shift·I and X2 = 0, so K = I/√shift and s = 0 there), Cholesky
+    X1 + shift·I = LLᵀ and one eigh of L⁻¹ X2 L⁻ᵀ = E S Eᵀ: K = L⁻ᵀE, K⁻¹ = EᵀLᵀ (the
+    generalised eigenvectors, unique up to signs and rotations within repeated s, as by
+    two eighs). Otherwise, or if the Cholesky fails, :func:`_congruence_eigh` decides (and
+    raises if singular).
+    """
+    n = X1.shape[0]
+    idx = _support(X1, X2)
+    if idx is not None and idx.numel() == 0:
+        return (*_congruence_eigh(_sym(X1), _sym(X2), shift, name), None)
+    M, S2 = _restrict(X1, idx), _restrict(X2, idx)
+    if not shift > max(100.0 * torch.finfo(M.dtype).eps, 2e-12) * float(M.norm()):
+        return (*_congruence_eigh(_sym(X1), _sym(X2), shift, name), None)
+    M.diagonal().add_(shift)  # M is a fresh tensor: X1 + shift·I on the support
+    L, info = torch.linalg.cholesky_ex(M)
+    if int(info) != 0:
+        return (*_congruence_eigh(_sym(X1), _sym(X2), shift, name), None)
+    C = torch.linalg.solve_triangular(L, S2, upper=False)  # L⁻¹ X2
+    # L⁻¹ (L⁻¹ X2)ᵀ = L⁻¹ X2 L⁻ᵀ, symmetric up to rounding (eigh reads its lower triangle)
+    C = torch.linalg.solve_triangular(L, C.mT, upper=False)
+    s, E = _eigh(C)
+    K = torch.linalg.solve_triangular(L.mT, E, upper=True)  # L⁻ᵀ E
+    K_inv = E.mT @ L.mT
+    if idx is None:
+        return K, K_inv, s, None
+    r = math.sqrt(shift)
+    s, K_full, side = _embed(K, s, idx, n, 0.0, 1.0 / r)
+    # K⁻¹ = Kᵀ(X1 + shift·I): (EᵀLᵀ) on the support, √shift·e_jᵀ on the zero coordinates
+    K_inv_full = K_inv.new_zeros(n, n)
+    K_inv_full[side.pos[:, None], idx] = K_inv
+    K_inv_full[side.zpos, side.zidx] = r
+    return K_full, K_inv_full, s, side
+
+
+def _congruence_eigh(
+    S1: Tensor, S2: Tensor, shift: float, name: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """K with Kᵀ(X1 + shift·I)K = I and Kᵀ X2 K = diag(s); returns (K, K⁻¹, s)."""
-    e, U = _eigh(_sym(X1))
+    """Reference congruence by two eighs (S1, S2 symmetric)."""
+    e, U = _eigh(S1)
     e = e.clamp_min(0) + shift  # X1 is PSD: negative eigenvalues are rounding
     floor = 1e-12 * e.abs().max().clamp_min(torch.finfo(e.dtype).tiny)
     if (e <= floor).any():
@@ -360,7 +565,7 @@ def _congruence(
         )
     r = e.sqrt()
     W = U / r  # W = U diag(1/√e): Wᵀ X1 W = I
-    s, E = _eigh(_sym(W.mT @ X2 @ W))
+    s, E = _eigh(_sym(W.mT @ S2 @ W))
     K = W @ E
     K_inv = E.mT @ (U * r).mT  # (U diag(√e) E)ᵀ = K⁻¹
     return K, K_inv, s

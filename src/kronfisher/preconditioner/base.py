@@ -224,7 +224,7 @@ class Preconditioner:
             G = s.adapter.grad_matrix(s.module)
             if G is not None:
                 grads[s.name] = G
-        bad = [n for n, G in grads.items() if not torch.isfinite(G).all()]
+        bad = [n for n, G in grads.items() if not _all_finite(G)]
         if bad:
             return self._reject(f"non-finite gradient in layer(s) {bad}")
         missing = [n for n in grads if self.layers[n].curvature is None]
@@ -243,7 +243,7 @@ class Preconditioner:
         t2 = time.perf_counter()
         self.timings["inverse"] += t2 - t1
         out = self._precondition({self.layers[n]: G for n, G in grads.items()})
-        bad = [s.name for s, X in out.items() if not torch.isfinite(X).all()]
+        bad = [s.name for s, X in out.items() if not _all_finite(X)]
         if bad:
             return self._reject(f"preconditioning produced non-finite values in {bad}")
         nu = self._kl_scale(out, grads)
@@ -274,7 +274,7 @@ class Preconditioner:
                 raise ValueError(f"layer {s.name!r}: captures with different output sizes")
             a = torch.cat([c.a for c in caps])
             g = torch.cat([c.g for c in caps])
-            if not (torch.isfinite(a).all() and torch.isfinite(g).all()):
+            if not (_all_finite(a) and _all_finite(g)):
                 if self.nonfinite == "raise":
                     raise NonFiniteError(f"non-finite curvature statistics in layer {s.name!r}")
                 warnings.warn(
@@ -389,6 +389,12 @@ class Preconditioner:
             f"{type(self).__name__}(layers={len(self.layers)}, skipped={len(self.skipped)},"
             f" damping={self.damping}, steps={self.steps})"
         )
+
+
+def _all_finite(x: Tensor) -> bool:
+    """torch.isfinite(x).all() in one pass when it holds: a sum with a NaN or ±Inf term is
+    never finite; a non-finite sum (NaN/Inf, or overflow of finite entries) is rechecked."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def _check_positive_int(name: str, v) -> None:
