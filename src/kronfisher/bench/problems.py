@@ -2,11 +2,18 @@
 
 * ``classic`` (Martens 2010): logistic hidden units, linear code layer, sparse
   initialisation (15 non-zero N(0, 1) incoming weights per unit, zero biases),
-  weight cost 1e-5.
+  weight cost 1e-5. The objective is the mean per-example loss (summed over pixels), as
+  in DESIGN.md §2. No published lr grid exists for it: the second-order methods and Adam
+  use the paper's numbers, SGD the paper's lr divided by the number of pixels (the
+  gradient of this objective is that many times larger), T_cov = T_inv = 10.
 * ``paper`` (the authors' code): ReLU hidden units (code layer included), Xavier-uniform
   weights, biases 0.01, SGD momentum 0.9, weight decay 1e-3, T_cov = T_inv = 100,
   KL clip 0.01, EMA ρ = min(1 − 1/k, 0.95), curvature on a random quarter of the batch
-  with sampled targets, and their best (lr, damping) per method.
+  with sampled targets, and their best (lr, damping) per method. Their objective is the
+  mean over examples *and pixels* (PyTorch's default loss reduction), so the runner scales
+  both the training loss and the sampled curvature loss by 1/pixels (``loss_scale``):
+  their lr, damping and KL bound only mean what they meant on that scale (the Fisher of
+  the scaled loss is 1/pixels² of DESIGN.md §2's).
 
 The network's last layer is linear: its outputs are Bernoulli logits (CURVES, MNIST) or
 Gaussian means (FACES). Per-example loss ℓᵢ = NLL summed over pixels (constants dropped:
@@ -82,6 +89,7 @@ class Hyper:
     kl_clip: float | None
     ema_decay: float
     curvature_fraction: float
+    loss_scale: float = 1.0  # the objective is loss_scale × mean per-example NLL
 
 
 def hyper(problem: str, optimizer: str, preset: str = "paper") -> Hyper:
@@ -92,12 +100,14 @@ def hyper(problem: str, optimizer: str, preset: str = "paper") -> Hyper:
         raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}")
     p = PROBLEMS[problem]
     lr, damping = _PAPER_LR_DAMPING[problem][optimizer]
+    pixels = p.encoder[0]
     if preset == "paper":
         return Hyper(lr=lr, damping=damping, momentum=0.9 if optimizer != "adam" else 0.0,
                      weight_decay=1e-3, batch_size=p.batch_size, cov_update_freq=100,
                      inv_update_freq=100, kl_clip=0.01, ema_decay=0.95,
-                     curvature_fraction=0.25)
-    # classic: the same learning rates (no published grid for this preset), weight cost 1e-5
+                     curvature_fraction=0.25, loss_scale=1.0 / pixels)
+    if optimizer == "sgd":
+        lr = lr / pixels
     return Hyper(lr=lr, damping=damping, momentum=0.9 if optimizer != "adam" else 0.0,
                  weight_decay=1e-5, batch_size=p.batch_size, cov_update_freq=10,
                  inv_update_freq=10, kl_clip=0.01, ema_decay=0.95, curvature_fraction=0.25)

@@ -165,11 +165,11 @@ def train(cfg: RunConfig, train_data: Tensor, test_data: Tensor, *, progress: bo
             if pc is not None and pc.steps % h.cov_update_freq == 0:
                 opt.zero_grad(set_to_none=True)
                 with pc.collect():
-                    sampled_nll(model(x[:n_curv]), p.likelihood).backward()
+                    (sampled_nll(model(x[:n_curv]), p.likelihood) * h.loss_scale).backward()
             t1 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             loss = per_example_loss(model(x), x, p.likelihood).mean()
-            loss.backward()
+            (loss * h.loss_scale).backward()
             t2 = time.perf_counter()
             ok = True
             if not math.isfinite(loss.item()):

@@ -298,10 +298,10 @@ class KroneckerSum:
     * three or more terms: Σ A_k ⊗ G_k + λ I, by conjugate gradients preconditioned with
       the damped first term (tolerance 1e-10 relative); ``to_dense`` is the exact sum.
 
-    Not positive definite: an eigenvalue of the damped matrix (one term: λ_g λ_a + λ; two
-    terms: 1 + s_g s_a relative to the damped first term) at or below a floor is raised to
-    that floor (``eig_floor`` × largest for one term, ``min_ratio`` for two terms) and a
-    RuntimeWarning says how many. The matrix then inverted is
+    Not positive definite: one term never is for λ > 0 (its factors are PSD, so every
+    eigenvalue λ_g λ_a + λ ≥ λ). For two terms, an eigenvalue 1 + s_g s_a of the damped
+    matrix relative to its damped first term at or below ``min_ratio`` is raised to
+    ``min_ratio`` and a RuntimeWarning says how many. The matrix then inverted is
     ``factorize(damping).to_dense()``; ``factorize(damping).clamped`` counts the clamped
     eigenvalues (0 means ``solve`` inverts ``to_dense(damping)`` exactly). A singular
     matrix with damping λ = 0 raises :class:`SingularFactorError` instead.
@@ -439,22 +439,16 @@ class KroneckerSum:
             D = eg[:, None] * ea[None, :]
         else:
             D = eg[:, None] * ea[None, :] + damping
-        floor = eig_floor * D.abs().max().clamp_min(torch.finfo(D.dtype).tiny)
-        bad = D <= floor
-        clamped = int(bad.sum())
-        if clamped:
-            if damping == 0.0:
+        # With PSD factors, D ≥ λ: the damped matrix is positive definite for any λ > 0.
+        clamped = 0
+        if damping == 0.0:
+            floor = eig_floor * D.abs().max().clamp_min(torch.finfo(D.dtype).tiny)
+            n_bad = int((D <= floor).sum())
+            if n_bad:
                 raise SingularFactorError(
-                    f"A ⊗ G is singular or indefinite ({clamped} eigenvalues ≤ {float(floor):.3g})"
-                    " and no damping was given; pass damping > 0"
+                    f"A ⊗ G is singular ({n_bad} eigenvalues ≤ {float(floor):.3g}) and no"
+                    " damping was given; pass damping > 0"
                 )
-            warnings.warn(
-                f"damped Kronecker matrix not positive definite: {clamped} eigenvalue(s) raised"
-                f" to the floor {float(floor):.3g}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            D = torch.where(bad, floor, D)
         return KroneckerFactorization(Ua, Ug, D, Ua.mT, Ug.mT, damping, scheme, clamped,
                                       blocks=_blocks(side_g, side_a, Ug, Ua, D))
 
