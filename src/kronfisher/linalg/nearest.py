@@ -200,8 +200,13 @@ def _power(space, rank, starts, tol, max_iter):
         v = starts[k]
         nv = _norm(space, v)
         if nv == 0.0:
-            v, nv = space.default_start(k + 1), None
+            v = space.default_start(k + 1)
             nv = _norm(space, v)
+        if nv == 0.0 or not math.isfinite(nv):  # R(F) = 0: this and later terms are zero
+            us.append(space.R(v) * 0)
+            vs.append(v * 0)
+            sigmas.append(0.0)
+            continue
         v = v / nv
         sigma, ok = 0.0, False
         for _ in range(max_iter):
@@ -241,6 +246,12 @@ def _lanczos(space, rank, start, tol, max_iter, restart_every=60):
     sig_scale = None
     while True:
         nv = _norm(space, v0)
+        if nv == 0.0:  # start orthogonal to range(Rᵀ) (or R = 0): try a generic start
+            v0 = space.default_start(rank + 1)
+            nv = _norm(space, v0)
+        if nv == 0.0 or not math.isfinite(nv):  # R(F) = 0: every term is zero
+            z_u, z_v = space.R(v0) * 0, v0 * 0
+            return [0.0] * rank, [z_u] * rank, [z_v] * rank, total, True
         v = v0 / nv
         Us, Vs, alphas, betas = [], [v], [], []
         beta_next, breakdown = 0.0, False
