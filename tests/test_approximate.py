@@ -273,3 +273,19 @@ def test_bad_input_is_a_clear_error():
         kf.approximate(a, g[:, None, :], "kpsvd")
     with pytest.raises(TypeError, match="dtype"):
         kf.approximate(a, g.float(), "kpsvd")
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_zero_fisher_gives_zero_terms(solver):
+    """All output gradients zero (a dead layer): F = 0, every SVD term is exactly zero."""
+    a = torch.randn(12, 4, dtype=D)
+    g = torch.zeros(12, 3, dtype=D)
+    for method in ["kpsvd", "deflation", "lanczos", "kfac_corrected"]:
+        ks = kf.approximate(a, g, method, solver=solver)
+        assert all(torch.isfinite(A).all() and torch.isfinite(G).all() for A, G in ks.terms)
+        torch.testing.assert_close(ks.to_dense(), torch.zeros(12, 12, dtype=D))
+        V = torch.randn(3, 4, dtype=D)
+        expect = torch.linalg.solve(ks.to_dense(0.5), vec(V))
+        torch.testing.assert_close(vec(ks.solve(V, 0.5)), expect)
+        if method != "kfac_corrected":  # one term, exact Tikhonov: (0 + λI)⁻¹
+            torch.testing.assert_close(ks.solve(V, 0.5), V / 0.5)
