@@ -88,9 +88,9 @@ class _DirectSpace:
         """KFAC's G for the first uncentred pair, else a fixed pseudo-random symmetric matrix."""
         if index == 0 and self.kfac is None:
             return self.stats.kfac_factors()[1]
-        gen = torch.Generator().manual_seed(1234 + index)
+        gen = torch.Generator().manual_seed(1234 + index)  # CPU stream: same start everywhere
         X = torch.randn(self.stats.d_g, self.stats.d_g, generator=gen, dtype=torch.float64)
-        return (X + X.mT).to(self.stats.dtype)
+        return (X + X.mT).to(dtype=self.stats.dtype, device=self.stats.a.device)
 
     def to_matrices(self, u: Tensor, v: Tensor, psd: bool) -> tuple[Tensor, Tensor]:
         U, V = _sym(u), _sym(v)
@@ -298,7 +298,8 @@ def _lanczos(space, rank, start, tol, max_iter, restart_every=60):
         P, S, Qt = torch.linalg.svd(B)
         Vmat = torch.stack(Vs[:k])
         Umat = torch.stack(Us[:k])
-        Pd, Qd = P.to(Umat.dtype), Qt.mT.to(Vmat.dtype)
+        Pd = P.to(dtype=Umat.dtype, device=Umat.device)
+        Qd = Qt.mT.to(dtype=Vmat.dtype, device=Vmat.device)
         res = beta_next * P[-1, : min(rank, k)].abs()
         done = breakdown or bool((res <= tol * S[0]).all())
         if done or total >= max_iter:
