@@ -415,6 +415,8 @@ def test_sampled_nll_values_and_true_fisher():
     torch.testing.assert_close(g.T @ g / 40000, torch.diag(s * (1 - s)), atol=5e-3, rtol=0)
     with pytest.raises(ValueError, match="likelihood"):
         kf.sampled_nll(out, "poisson")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        kf.sampled_nll(torch.tensor([[0.0, float("nan")]]), "bernoulli")
 
 
 def test_every_preconditioner_beats_sgd_on_a_small_regression():

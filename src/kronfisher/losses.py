@@ -32,6 +32,9 @@ def sampled_nll(outputs: Tensor, likelihood: str, *, generator: torch.Generator 
             f"outputs must have a non-empty batch dimension, got {tuple(outputs.shape)}"
         )
     m = outputs.shape[0]
+    if not bool(torch.isfinite(outputs.detach()).all()):
+        raise ValueError("sampled_nll: the network outputs contain NaN or Inf (has training"
+                         " diverged?); no targets can be sampled from them")
     with torch.no_grad():
         out = outputs.detach()
         if likelihood == "gaussian":
