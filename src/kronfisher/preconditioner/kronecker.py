@@ -137,7 +137,8 @@ class KPSVD(KroneckerPreconditioner):
 
 
 class Deflation(KroneckerPreconditioner):
-    """Best rank-2 Kronecker approximation (the paper's power iteration + deflation)."""
+    """Best rank-2 Kronecker approximation; ``solver="power"`` runs the paper's algorithm
+    (power iteration, then deflation). The default solver gives the same matrix."""
 
     method = "deflation"
 
