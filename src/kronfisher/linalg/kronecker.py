@@ -47,7 +47,7 @@ def _check_square(name: str, x: Tensor) -> None:
         raise ValueError(f"{name} must be a square matrix, got shape {tuple(x.shape)}")
 
 
-def _all_finite(x: Tensor) -> bool:
+def all_finite(x: Tensor) -> bool:
     """torch.isfinite(x).all(), usually in one pass: a sum with a NaN or ±Inf term is never
     finite, so a finite sum proves every entry finite; otherwise check entrywise (the sum
     of finite entries may overflow)."""
@@ -396,7 +396,7 @@ class KroneckerSum:
         if key in self._cache:
             return self._cache[key]
         for i, (A, G) in enumerate(self._terms):
-            if not (_all_finite(A) and _all_finite(G)):
+            if not (all_finite(A) and all_finite(G)):
                 raise ValueError(f"term {i} of the KroneckerSum has non-finite entries")
         if len(self) == 1:
             fac = self._factorize_one(damping, scheme, eig_floor)

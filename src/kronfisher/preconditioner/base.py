@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import ADAPTERS, LayerAdapter, UnsupportedLayerError, adapter_for
+from ..linalg.kronecker import all_finite as _all_finite
 
 __all__ = ["Preconditioner", "LayerState", "NonFiniteError"]
 
@@ -389,12 +390,6 @@ class Preconditioner:
             f"{type(self).__name__}(layers={len(self.layers)}, skipped={len(self.skipped)},"
             f" damping={self.damping}, steps={self.steps})"
         )
-
-
-def _all_finite(x: Tensor) -> bool:
-    """torch.isfinite(x).all() in one pass when it holds: a sum with a NaN or ±Inf term is
-    never finite; a non-finite sum (NaN/Inf, or overflow of finite entries) is rechecked."""
-    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def _check_positive_int(name: str, v) -> None:
