@@ -7,7 +7,8 @@ sampled from the model (true Fisher) gives per-example a = [layer input, 1] and
 g = ∂ℓᵢ/∂sᵢ. For every method and solver the script prints
 
 * the time of ``kronfisher.approximate`` relative to KFAC's on the same layer (median of
-  ``--repeats`` timed calls after a warm-up, configurations interleaved, float32 statistics);
+  ``--repeats`` timed calls after a warm-up; every repeat runs all configurations of the
+  layer in a fresh shuffled order; float32 statistics);
 * the iterations of the solver and the product space it used;
 * (err − err_opt)/err_opt, with err = ‖F − F̂‖_F/‖F‖_F from
   :func:`kronfisher.linalg.relative_error` on float64 statistics and err_opt from an
@@ -15,9 +16,12 @@ g = ∂ℓᵢ/∂sᵢ. For every method and solver the script prints
 
 and network totals (sum of per-layer times over the sum of KFAC times).
 
-    python benchmarks/solvers.py --threads 2 --repeats 7 --out docs/solvers-table.md
+    python benchmarks/solvers.py --threads 2 --repeats 15 --solvers auto --out table.md
+    python benchmarks/solvers.py --threads 2 --repeats 9 --out full-table.md
 
 The captured statistics are cached (``--cache-dir``); ``--recapture`` retrains and recaptures.
+``--allocator warm`` (default) first allocates and frees a 30 MB block so that glibc's
+dynamic mmap/trim thresholds are those of a training process (see docs/solvers.md).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import io
 import math
 import os
 import pickle
+import random
 import statistics
 import sys
 import time
@@ -235,10 +240,13 @@ def run_layer(
             )
     rows = {key: Row(index, *key) for key in calls}
     results = {key: call() for key, call in calls.items()}  # warm-up; kept for the errors
+    order = list(calls)
+    rng = random.Random(index)
     for _ in range(repeats):
-        for key, call in calls.items():  # interleaved: slow drifts hit every entry alike
+        rng.shuffle(order)  # interleaved, in a fresh order: drifts and cache effects even out
+        for key in order:
             t0 = time.perf_counter()
-            call()
+            calls[key]()
             rows[key].times.append(time.perf_counter() - t0)
     if paper_repeats and "deflation" in methods:
         # the paper's algorithm: power iterations + deflation with matrix-free direct products
