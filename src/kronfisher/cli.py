@@ -39,6 +39,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="train for this many epochs")
     p.add_argument("--time-budget", type=_positive_float, default=None, metavar="S",
                    help="train for at most S seconds of wall-clock time (evaluation excluded)")
+    p.add_argument("--iterations", type=_positive_int, default=None, metavar="N",
+                   help="stop after N optimizer steps (with --epochs/--time-budget: whichever"
+                        " comes first)")
+    p.add_argument("--reseed-layers", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-seed the RNG before each layer's initialisation, as the authors"
+                        " do (default: on for --preset paper, off for classic)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device for the run, e.g. cuda (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and init")
     p.add_argument("--lr", type=_positive_float, default=None, help="override the learning rate")
     p.add_argument("--damping", type=_positive_float, default=None,
@@ -61,7 +69,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench.problems import OPTIMIZERS
+    from .bench.problems import ALL_OPTIMIZERS, OPTIMIZERS
 
     parser = argparse.ArgumentParser(
         prog="kronfisher",
@@ -75,10 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train one auto-encoder with one optimizer and print the"
                                    " losses; optionally write the run record as JSON/CSV.")
     _add_run_options(t)
-    t.add_argument("--optimizer", choices=OPTIMIZERS, default="kpsvd",
-                   help="optimizer (default: kpsvd)")
+    t.add_argument("--optimizer", choices=ALL_OPTIMIZERS, default="kpsvd",
+                   help="optimizer (default: kpsvd); identity_<method> is <method> with the"
+                        " curvature replaced by the identity (a control)")
     t.add_argument("--out", type=Path, default=None,
-                   help="folder for run.json and run.csv (default: print only)")
+                   help="folder for run.json, run.csv (per evaluation) and iterations.csv"
+                        " (per step) (default: print only)")
 
     c = sub.add_parser("compare", help="several optimizers under the same budget",
                        description="Train every optimizer on the same data and seed under the"
@@ -87,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    " a killed compare resumes where it stopped.")
     _add_run_options(c)
     c.add_argument("--optimizers", default=",".join(OPTIMIZERS),
-                   help=f"comma-separated list (default: {','.join(OPTIMIZERS)})")
+                   help=f"comma-separated list from {','.join(ALL_OPTIMIZERS)}"
+                        f" (default: {','.join(OPTIMIZERS)})")
     c.add_argument("--out", type=Path, required=True, help="output folder")
 
     f = sub.add_parser("fisher-error", help="approximation error against the exact Fisher",
@@ -147,6 +158,7 @@ def _config(args, optimizer: str):
         batch_size=args.batch_size, cov_update_freq=args.cov_update_freq,
         inv_update_freq=args.inv_update_freq, solver=args.solver,
         train_subset=args.train_subset, eval_subset=args.eval_subset,
+        iterations=args.iterations, reseed_layers=args.reseed_layers, device=args.device,
     )
 
 
@@ -154,7 +166,7 @@ def _cmd_train(args) -> int:
     from .bench.io import write_csv, write_json
     from .bench.runner import train
 
-    if args.epochs is None and args.time_budget is None:
+    if args.epochs is None and args.time_budget is None and args.iterations is None:
         args.epochs = 1.0
     cfg = _config(args, args.optimizer)
     tr, te = _load(args.problem)
@@ -166,25 +178,28 @@ def _cmd_train(args) -> int:
 
     res = train(cfg, tr, te, progress=not args.no_progress, log=log)
     print(f"{args.optimizer} on {args.problem}: {res['status']}")
+    iterations = res.pop("iterations")
     if args.out:
         write_json(args.out / "run.json", res)
         write_csv(args.out / "run.csv", res["history"])
-        print(f"wrote {args.out / 'run.json'} and run.csv")
+        write_csv(args.out / "iterations.csv", iterations)
+        print(f"wrote {args.out / 'run.json'}, run.csv and iterations.csv")
     return 0 if res["status"] == "complete" else 1
 
 
 def _cmd_compare(args) -> int:
     from .bench.compare import compare
-    from .bench.problems import OPTIMIZERS
+    from .bench.problems import ALL_OPTIMIZERS
 
     names = [s.strip() for s in args.optimizers.split(",") if s.strip()]
-    bad = [n for n in names if n not in OPTIMIZERS]
+    bad = [n for n in names if n not in ALL_OPTIMIZERS]
     if bad or not names:
-        print(f"kronfisher compare: unknown optimizer(s) {bad}; choose from {OPTIMIZERS}",
+        print(f"kronfisher compare: unknown optimizer(s) {bad}; choose from {ALL_OPTIMIZERS}",
               file=sys.stderr)
         return 2
-    if args.epochs is None and args.time_budget is None:
-        print("kronfisher compare: give --epochs or --time-budget", file=sys.stderr)
+    if args.epochs is None and args.time_budget is None and args.iterations is None:
+        print("kronfisher compare: give --epochs, --time-budget or --iterations",
+              file=sys.stderr)
         return 2
     tr, te = _load(args.problem)
     configs = [_config(args, n) for n in names]
@@ -222,17 +237,48 @@ def _cmd_fisher_error(args) -> int:
 def _cmd_demo(args) -> int:
     from .bench.problems import OPTIMIZERS
 
-    print(f"kronfisher demo: all {len(OPTIMIZERS)} optimizers on CURVES, {args.time_budget:g} s"
-          f" of training each (about {len(OPTIMIZERS) * args.time_budget / 60:.0f} min plus"
-          " evaluation); results in", args.out, flush=True)
+    print(f"kronfisher demo: all {len(OPTIMIZERS)} optimizers on CURVES (paper preset: the"
+          f" authors' protocol), {args.time_budget:g} s of training each (about"
+          f" {len(OPTIMIZERS) * args.time_budget / 60:.0f} min plus evaluation); results in",
+          args.out, flush=True)
     t0 = time.time()
     argv = ["compare", "--problem", "curves", "--optimizers", ",".join(OPTIMIZERS),
             "--time-budget", str(args.time_budget), "--out", str(args.out)]
     if args.no_progress:
         argv.append("--no-progress")
     rc = main(argv)
+    if rc == 0:
+        print(_demo_versus_authors(args.out, OPTIMIZERS))
     print(f"demo finished in {time.time() - t0:.0f} s")
     return rc
+
+
+def _demo_versus_authors(out: Path, names) -> str:
+    """Our last ±10-iteration mean minibatch loss next to the authors' at that iteration."""
+    import csv
+
+    from .bench.reference import authors_at, window_mean
+
+    lines = ["Per-pixel minibatch training loss at our last iteration (mean over ±10"
+             " iterations) next to the authors' stored run at the same iteration:",
+             f"{'optimizer':16s} {'iterations':>10s} {'ours':>8s} {'authors':>8s}"
+             f" {'ratio':>6s} {'authors s':>9s}"]
+    for name in names:
+        path = out / "runs" / f"{name}.iterations.csv"
+        if not path.exists():
+            continue
+        with open(path) as f:
+            losses = [float(r["minibatch_loss_pixel"]) for r in csv.DictReader(f)]
+        it = len(losses)
+        ours = window_mean(losses, it)
+        ref = authors_at("curves", name, it)
+        if ours is None or ref is None:
+            lines.append(f"{name:16s} {it:10d} {ours or float('nan'):8.4f} {'—':>8s}")
+            continue
+        lines.append(f"{name:16s} {it:10d} {ours:8.4f} {ref.loss_pixel:8.4f}"
+                     f" {ours / ref.loss_pixel:6.2f} {ref.wall_time:9.1f}")
+    lines.append("(authors s: their wall time to that iteration, on their GPU)")
+    return "\n".join(lines)
 
 
 def _cmd_data(args) -> int:

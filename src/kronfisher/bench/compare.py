@@ -38,6 +38,8 @@ def compare(configs: list[RunConfig], out: str | Path, train_data, test_data, *,
         echo(f"[{cfg.optimizer}] training on {cfg.problem} ...")
         res = train(cfg, train_data, test_data, progress=progress)
         res["signature"] = _signature(cfg)
+        # per-step rows go to their own CSV (iteration,wall_time,minibatch_loss_pixel)
+        write_csv(out / "runs" / f"{cfg.optimizer}.iterations.csv", res.pop("iterations"))
         write_json(path, res)
         write_csv(out / "runs" / f"{cfg.optimizer}.csv", res["history"])
         f = res["final"]
@@ -49,9 +51,32 @@ def compare(configs: list[RunConfig], out: str | Path, train_data, test_data, *,
     write_json(out / "summary.json", summary["rows"])
     from .io import atomic_write_text
 
-    atomic_write_text(out / "summary.md", summary["markdown"])
+    atomic_write_text(out / "summary.md", summary["markdown"]
+                      + _iteration_section(results, out, train_data))
     plot_runs(results, out)
     return results
+
+
+def _iteration_section(results: dict[str, dict], out: Path, train_data) -> str:
+    """Per-iteration comparison with the authors' stored runs (from runs/*.iterations.csv)."""
+    import csv
+
+    from .problems import constant_loss
+    from .reference import iteration_table
+
+    losses = {}
+    for name in results:
+        path = out / "runs" / f"{name}.iterations.csv"
+        if path.exists():
+            with open(path) as f:
+                losses[name] = [float(r["minibatch_loss_pixel"]) for r in csv.DictReader(f)]
+    if not losses:
+        return ""
+    problem = next(iter(results.values()))["config"]["problem"]
+    plateau = constant_loss(train_data, PROBLEMS[problem].likelihood)
+    return ("\n## Per iteration, next to the authors' stored runs\n\nPer-pixel minibatch"
+            " training loss (before the update), mean over iterations i−10 … i+10.\n\n"
+            + iteration_table(problem, losses, plateau))
 
 
 def time_to_reach(history: list[dict], target: float) -> float | None:
