@@ -27,6 +27,16 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _sub_block(s: str) -> tuple[int, int]:
+    try:
+        k_out, k_in = (int(v) for v in s.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected OUT,IN (two integers), got {s!r}") from e
+    if k_out < 1 or k_in < 1:
+        raise argparse.ArgumentTypeError(f"OUT and IN must be >= 1, got {s}")
+    return k_out, k_in
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     from .bench.problems import PRESETS, PROBLEMS
 
@@ -121,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--max-dim", type=_positive_int, default=8000,
                    help="refuse layers with more parameters than this (dense Fisher)")
+    f.add_argument("--sub-block", type=_sub_block, default=None, metavar="OUT,IN",
+                   help="study the block of the first OUT output units and first IN inputs"
+                        " (and their biases) of the layer instead of the whole layer")
     f.add_argument("--out", type=Path, required=True, help="output folder")
 
     d = sub.add_parser("demo", help="the main job: compare all optimizers on CURVES (~5 min)",
@@ -221,7 +234,8 @@ def _cmd_fisher_error(args) -> int:
     try:
         rows = fisher_error_study(args.problem, args.layer, args.steps, args.every, tr,
                                   m=args.batch, lr=args.lr, seed=args.seed,
-                                  preset=args.preset, max_dim=args.max_dim, log=log)
+                                  preset=args.preset, max_dim=args.max_dim, log=log,
+                                  sub_block=args.sub_block)
     except ValueError as e:
         print(f"kronfisher fisher-error: {e}", file=sys.stderr)
         return 2

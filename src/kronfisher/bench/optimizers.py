@@ -78,8 +78,11 @@ def make_optimizers(name: str, model: nn.Module, h: Hyper, *, solver: str = "aut
         except ImportError as e:
             raise ImportError(f"optimizer {name!r} needs pytorch-optimizer: pip install"
                               " 'kronfisher[bench]'") from e
-        cls = po.SOAP if method == "soap" else po.Shampoo
-        return Optimizers(cls(params, lr=h.lr, weight_decay=h.weight_decay), None)
+        if method == "soap":
+            return Optimizers(po.SOAP(params, lr=h.lr, weight_decay=h.weight_decay), None)
+        # matrix roots every 10 steps (the default, every step, costs ~5 s a step on MNIST)
+        return Optimizers(po.Shampoo(params, lr=h.lr, weight_decay=h.weight_decay,
+                                     preconditioning_compute_steps=10), None)
     if method != "sgd" and method not in SECOND_ORDER:
         raise ValueError(f"unknown optimizer {name!r}")
     opt = torch.optim.SGD(params, lr=h.lr, momentum=h.momentum, nesterov=h.nesterov,
