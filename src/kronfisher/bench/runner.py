@@ -51,6 +51,7 @@ class RunConfig:
     eval_subset: int | None = None  # evaluate on the first n train (and test) examples
     reseed_layers: bool | None = None  # None: the preset's choice
     device: str = "cpu"
+    damping_scheme: str | None = None  # None: the preset's choice
 
     def __post_init__(self):
         if self.problem not in PROBLEMS:
@@ -70,7 +71,8 @@ class RunConfig:
     def resolved_hyper(self) -> Hyper:
         h = hyper(self.problem, self.optimizer, self.preset)
         over = {k: getattr(self, k) for k in ("lr", "damping", "batch_size", "cov_update_freq",
-                                              "inv_update_freq", "reseed_layers")
+                                              "inv_update_freq", "reseed_layers",
+                                              "damping_scheme")
                 if getattr(self, k) is not None}
         return replace(h, **over)
 
