@@ -224,3 +224,41 @@ def test_constant_loss_is_the_loss_of_the_mean_image():
     assert constant_loss(x, "bernoulli") == pytest.approx(want, rel=1e-4)
     y = torch.randn(30, 7, dtype=torch.float64)
     assert constant_loss(y, "gaussian") == pytest.approx(float(y.var(0, unbiased=False).mean()))
+
+
+def test_kfac_trace_split_keeps_the_product_and_matches_kfacs_trace():
+    from kronfisher.bench.optimizers import kfac_trace_split
+    from kronfisher.curvature import approximate
+
+    torch.manual_seed(1)
+    a = torch.cat([torch.randn(20, 4, dtype=torch.float64) * 3,
+                   torch.ones(20, 1, dtype=torch.float64)], 1)
+    g = torch.randn(20, 3, dtype=torch.float64) * 1e-3
+    for method in ["kpsvd", "lanczos"]:
+        ks = approximate(a, g, method)
+        split = kfac_trace_split(ks, a)
+        torch.testing.assert_close(split.to_dense(), ks.to_dense(), rtol=1e-12, atol=1e-18)
+        A_kfac = approximate(a, g, "kfac").terms[0][0]
+        assert float(split.terms[0][0].trace()) == pytest.approx(float(A_kfac.trace()),
+                                                                 rel=1e-12)
+        for (A2, G2), (B2, H2) in zip(split.terms[1:], ks.terms[1:]):
+            assert torch.equal(A2, B2) and torch.equal(G2, H2)
+
+
+def test_factor_balance_option_reaches_the_preconditioner():
+    from dataclasses import replace
+
+    model = _tiny_model()
+    h = replace(hyper("curves", "kpsvd", "paper"), factor_balance="kfac_trace")
+    pc = make_optimizers("kpsvd", model, h).preconditioner
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    with pc.collect():
+        F.mse_loss(model(x), y).backward()
+    pc._fold_in_captures()
+    first = model[0]
+    a = torch.cat([x, torch.ones(6, 1, dtype=torch.float64)], 1)
+    A = pc.layers["0"].curvature.terms[0][0]
+    assert float(A.trace()) == pytest.approx(float(a.square().sum(1).mean()), rel=1e-10)
+    assert first is pc.layers["0"].module
+    with pytest.raises(ValueError, match="factor_balance"):
+        make_optimizers("kpsvd", model, replace(h, factor_balance="nope"))

@@ -58,6 +58,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--damping-scheme", default=None,
                    choices=["tikhonov", "factored", "factored_pi1", "authors"],
                    help="override the damping scheme (default: the preset's; paper: authors)")
+    p.add_argument("--factor-balance", default=None, choices=["sqrt_sigma", "kfac_trace"],
+                   help="split of σ between the SVD methods' first-term factors: sqrt_sigma"
+                        " (‖A‖ = ‖G‖, default) or kfac_trace (tr A = tr A_KFAC)")
     p.add_argument("--device", default="cpu",
                    help="torch device for the run, e.g. cuda (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and init")
@@ -175,7 +178,7 @@ def _config(args, optimizer: str):
         inv_update_freq=args.inv_update_freq, solver=args.solver,
         train_subset=args.train_subset, eval_subset=args.eval_subset,
         iterations=args.iterations, reseed_layers=args.reseed_layers, device=args.device,
-        damping_scheme=args.damping_scheme,
+        damping_scheme=args.damping_scheme, factor_balance=args.factor_balance,
     )
 
 

@@ -21,7 +21,10 @@ from ..preconditioner.base import LayerState, Preconditioner
 from ..preconditioner.kronecker import KroneckerPreconditioner
 from .problems import SECOND_ORDER, Hyper, base_method
 
-__all__ = ["PRECONDITIONERS", "IdentityCurvature", "Optimizers", "make_optimizers"]
+__all__ = ["PRECONDITIONERS", "IdentityCurvature", "Optimizers", "make_optimizers",
+           "FACTOR_BALANCES", "kfac_trace_split"]
+
+FACTOR_BALANCES = ("sqrt_sigma", "kfac_trace")
 
 PRECONDITIONERS = {"kfac": KFAC, "kpsvd": KPSVD, "deflation": Deflation,
                    "kfac_corrected": KFACCorrected, "lanczos": Lanczos}
@@ -48,6 +51,36 @@ class IdentityCurvature(KroneckerPreconditioner):
             s.updates += 1
 
 
+def kfac_trace_split(curvature: KroneckerSum, a: Tensor) -> KroneckerSum:
+    """Re-split σ between the first term's factors so that tr(A₁) = tr(A_KFAC) = E‖aᵢ‖².
+
+    (A₁, G₁) → (c A₁, G₁ / c), c = E‖aᵢ‖² / tr(A₁) > 0: the Kronecker product, hence the
+    approximation, is unchanged; only what "√λ (or λ) per factor" adds to each factor
+    changes. ``a``: the curvature batch's layer inputs, (m, d_a) or (m, T, d_a).
+    """
+    A, G = curvature.terms[0]
+    ta = float(A.diagonal().sum())
+    target = float(a.reshape(-1, a.shape[-1]).square().sum(1).mean()) * (
+        a.shape[1] if a.dim() == 3 else 1)
+    if not (ta > 0 and target > 0):
+        return curvature
+    c = target / ta
+    out = KroneckerSum([(A * c, G / c), *curvature.terms[1:]])
+    out.info = getattr(curvature, "info", {})
+    return out
+
+
+class _KFACTraceSplit:
+    """Mixin for SVD-based preconditioners: every new estimate is re-split by
+    :func:`kfac_trace_split` before it enters the running average."""
+
+    def _update_curvature(self, batch):
+        for s, (a, g, spatial) in batch.items():
+            new = kfac_trace_split(self.estimator.estimate(a, g, spatial, s.curvature), a)
+            s.curvature = self.estimator.average(s.curvature, new, self._decay(s))
+            s.updates += 1
+
+
 @dataclass
 class Optimizers:
     """The torch optimizer of a run and, for second-order methods, its preconditioner."""
@@ -61,8 +94,10 @@ def make_optimizers(name: str, model: nn.Module, h: Hyper, *, solver: str = "aut
     """Build the optimizer ``name`` (see ``problems.ALL_OPTIMIZERS``) for ``model``.
 
     Second-order methods and their identity controls: SGD (momentum ``h.momentum``,
-    Nesterov per ``h.nesterov``) on the preconditioned gradients. "soap" and "shampoo" are
-    pytorch-optimizer's SOAP and Shampoo (the ``bench`` extra).
+    Nesterov per ``h.nesterov``) on the preconditioned gradients. ``h.factor_balance``:
+    "sqrt_sigma" (‖A₁‖ = ‖G₁‖ = √σ₁, ours and the authors' power SVD) or "kfac_trace"
+    (KPSVD, Deflation, Lanczos: tr(A₁) = tr(A_KFAC), see :func:`kfac_trace_split`).
+    "soap" and "shampoo" are pytorch-optimizer's SOAP and Shampoo (the ``bench`` extra).
 
     Raises:
         ValueError: unknown optimizer.
@@ -92,8 +127,15 @@ def make_optimizers(name: str, model: nn.Module, h: Hyper, *, solver: str = "aut
     kw = dict(damping=h.damping, ema_decay=h.ema_decay, cov_update_freq=h.cov_update_freq,
               inv_update_freq=h.inv_update_freq, kl_clip=h.kl_clip, lr=h.lr,
               damping_scheme=h.damping_scheme, kl_clip_mode=h.kl_clip_mode)
+    if h.factor_balance not in FACTOR_BALANCES:
+        raise ValueError(f"factor_balance must be one of {FACTOR_BALANCES},"
+                         f" got {h.factor_balance!r}")
     if name.startswith("identity_"):
         pc = IdentityCurvature(model, method=method, **kw)
+    elif h.factor_balance == "kfac_trace" and method in ("kpsvd", "deflation", "lanczos"):
+        cls = PRECONDITIONERS[method]
+        split_cls = type(f"{cls.__name__}KFACTrace", (_KFACTraceSplit, cls), {})
+        pc = split_cls(model, solver=solver, **kw)
     else:
         pc = PRECONDITIONERS[method](model, solver=solver, **kw)
     return Optimizers(opt, pc)

@@ -117,6 +117,7 @@ class Hyper:
     train_size: int | None = None  # train on this many images (None: the whole set)
     partial_last_batch: bool = False  # keep the last, smaller minibatch of an epoch
     reseed_layers: bool = False  # re-seed the RNG before each layer's initialisation
+    factor_balance: str = "sqrt_sigma"  # split of σ in the SVD methods' first term
 
 
 def hyper(problem: str, optimizer: str, preset: str = "paper") -> Hyper:

@@ -52,6 +52,7 @@ class RunConfig:
     reseed_layers: bool | None = None  # None: the preset's choice
     device: str = "cpu"
     damping_scheme: str | None = None  # None: the preset's choice
+    factor_balance: str | None = None  # None: the preset's choice
 
     def __post_init__(self):
         if self.problem not in PROBLEMS:
@@ -72,7 +73,7 @@ class RunConfig:
         h = hyper(self.problem, self.optimizer, self.preset)
         over = {k: getattr(self, k) for k in ("lr", "damping", "batch_size", "cov_update_freq",
                                               "inv_update_freq", "reseed_layers",
-                                              "damping_scheme")
+                                              "damping_scheme", "factor_balance")
                 if getattr(self, k) is not None}
         return replace(h, **over)
 
