@@ -67,3 +67,7 @@ def test_demo_summary_prints_the_authors_loss_at_our_last_iteration(tmp_path):
     assert "300" in line and "0.2000" in line and f"{ref.loss_pixel:.4f}" in line
     assert f"{0.2 / ref.loss_pixel:.2f}" in line
     assert not any(s.startswith("sgd") for s in text.splitlines())  # no run, no row
+    write_csv(runs / "adam.iterations.csv", [dict(r, minibatch_loss_pixel=0.3) for r in rows])
+    text = _demo_versus_authors(tmp_path, ["kfac", "adam"])
+    assert "best natural-gradient method kfac 0.2000, best first-order adam 0.3000" in text
+    assert text.rstrip().endswith("natural gradient ahead.")

@@ -278,8 +278,10 @@ def _demo_versus_authors(out: Path, names) -> str:
     """Our last ±10-iteration mean minibatch loss next to the authors' at that iteration."""
     import csv
 
+    from .bench.problems import SECOND_ORDER
     from .bench.reference import authors_at, window_mean
 
+    finals: dict[str, float] = {}
     lines = ["Per-pixel minibatch training loss at our last iteration (mean over ±10"
              " iterations) next to the authors' stored run at the same iteration:",
              f"{'optimizer':16s} {'iterations':>10s} {'ours':>8s} {'authors':>8s}"
@@ -292,6 +294,8 @@ def _demo_versus_authors(out: Path, names) -> str:
             losses = [float(r["minibatch_loss_pixel"]) for r in csv.DictReader(f)]
         it = len(losses)
         ours = window_mean(losses, it)
+        if ours is not None:
+            finals[name] = ours
         ref = authors_at("curves", name, it)
         if ours is None or ref is None:
             lines.append(f"{name:16s} {it:10d} {ours or float('nan'):8.4f} {'—':>8s}")
@@ -299,6 +303,16 @@ def _demo_versus_authors(out: Path, names) -> str:
         lines.append(f"{name:16s} {it:10d} {ours:8.4f} {ref.loss_pixel:8.4f}"
                      f" {ours / ref.loss_pixel:6.2f} {ref.wall_time:9.1f}")
     lines.append("(authors s: their wall time to that iteration, on their GPU)")
+    if finals:
+        second = {k: v for k, v in finals.items() if k in SECOND_ORDER}
+        first = {k: v for k, v in finals.items() if k not in SECOND_ORDER}
+        if second and first:
+            bs, bf = min(second, key=second.get), min(first, key=first.get)
+            ahead = second[bs] < first[bf]
+            lines.append(f"Same training time for every optimizer: best natural-gradient"
+                         f" method {bs} {second[bs]:.4f}, best first-order {bf}"
+                         f" {first[bf]:.4f} — natural gradient "
+                         + ("ahead." if ahead else "NOT ahead in this budget."))
     return "\n".join(lines)
 
 
