@@ -71,3 +71,14 @@ def test_demo_summary_prints_the_authors_loss_at_our_last_iteration(tmp_path):
     text = _demo_versus_authors(tmp_path, ["kfac", "adam"])
     assert "best natural-gradient method kfac 0.2000, best first-order adam 0.3000" in text
     assert text.rstrip().endswith("natural gradient ahead.")
+
+
+def test_authors_plateau_is_where_their_sgd_sits_on_curves():
+    from kronfisher.bench.reference import authors_plateau
+
+    vals = [p.loss_pixel for p in authors_curve("curves", "sgd") if 100 <= p.iteration <= 1000]
+    p = authors_plateau("curves")
+    assert sum(v <= p for v in vals) >= len(vals) // 2 and sum(v >= p for v in vals) >= len(
+        vals) // 2
+    assert max(vals) - min(vals) < 0.01  # it is a plateau: flat to 1e-2
+    assert authors_plateau("mnist") is None
