@@ -41,7 +41,9 @@ def _version() -> str:
 def _problem_with(obj) -> str | None:
     """Why ``obj`` is not a usable run record (None if it is)."""
     if not isinstance(obj, dict):
-        return f"it holds a JSON {type(obj).__name__}, not a run record"
+        kind = {type(None): "null", list: "array", str: "string", bool: "boolean"}.get(
+            type(obj), "number")
+        return f"it holds a JSON {kind}, not a run record (an object)"
     for key, typ in (("final", dict), ("history", list), ("status", str), ("config", dict)):
         if not isinstance(obj.get(key), typ):
             return f"its {key!r} entry is missing or not a {typ.__name__}"

@@ -14,7 +14,7 @@ Training-loop contract::
     optimizer.step()
 
 Guarantees (docs/reliability.md): :meth:`Preconditioner.step` checks the ``.grad`` of every
-model parameter (registered or skipped) for NaN/Inf in one fused pass before it writes
+model parameter (registered or skipped) for NaN/Inf in one pass (one sum each) before it writes
 anything; a curvature update whose statistics or resulting factors are not finite is
 dropped for that layer (warning naming the layer) and the running average keeps its
 previous value; calling ``step()`` again on gradients it already preconditioned, or using
