@@ -324,7 +324,7 @@ class Preconditioner:
         if self.nonfinite == "raise":
             raise NonFiniteError(msg)
         warnings.warn(f"{msg}: step skipped, all gradients cleared", RuntimeWarning,
-                      stacklevel=3)
+                      stacklevel=4)  # past the no_grad wrapper
         for p in self.model.parameters():
             p.grad = None
         self._written = {}
@@ -349,7 +349,7 @@ class Preconditioner:
                     f"non-finite curvature statistics in layer {s.name!r}: curvature update"
                     " skipped for this layer",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
                 continue
             batch[s] = (a, g, caps[0].spatial)
@@ -364,15 +364,16 @@ class Preconditioner:
                     s.name, "the curvature built from its statistics is not finite (the"
                     " statistics are finite but the factors overflow their dtype)")
 
-    def _curvature_rejected(self, name: str, why: str) -> None:
-        """Drop one layer's curvature update: raise (``nonfinite="raise"``) or warn."""
+    def _curvature_rejected(self, name: str, why: str, stacklevel: int = 5) -> None:
+        """Drop one layer's curvature update: raise (``nonfinite="raise"``) or warn
+        (``stacklevel`` 5: the caller of step(), past its no_grad wrapper)."""
         if self.nonfinite == "raise":
             raise NonFiniteError(f"layer {name!r}: {why}; curvature update not applied")
         warnings.warn(
             f"layer {name!r}: {why}: curvature update skipped for this layer (the running"
             " average keeps its previous value)",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=stacklevel,
         )
 
     def _decay(self, state: LayerState) -> float:

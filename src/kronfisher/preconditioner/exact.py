@@ -111,7 +111,7 @@ class ExactNG(Preconditioner):
                    if not all_finite(F[lo:hi, lo:hi])] or sorted(self.layers)
             self._curvature_rejected(bad[0], f"the exact Fisher blocks of {bad} overflow"
                                      " their dtype (the full-Fisher update is skipped for"
-                                     " every layer)")
+                                     " every layer)", stacklevel=6)
             return
         rho = min(1.0 - 1.0 / (self._full_updates + 1), self.ema_decay)
         self._full = F if self._full is None or rho == 0 else rho * self._full + (1 - rho) * F
