@@ -154,9 +154,9 @@ def render(poly: np.ndarray) -> np.ndarray:
     c0 = int(min(lo_x.min(), lo_y.min(), 0.0))
     c1 = int(max(lo_x.max(), lo_y.max(), SIDE - p)) + p
     side = c1 - c0
-    canvas = np.zeros((b, side * side))
+    canvas = np.zeros(b * side * side)
     offs = np.arange(p, dtype=np.float64)
-    img = np.arange(b)[:, None, None]
+    first = (np.arange(b) * (side * side))[:, None, None]  # flat offset of each image's canvas
     for k in range(ax.shape[1]):
         cols = lo_x[:, k, None, None] + offs[None, None, :]  # (B, 1, P) pixel column
         rows = lo_y[:, k, None, None] + offs[None, :, None]  # (B, P, 1) pixel row
@@ -165,15 +165,15 @@ def render(poly: np.ndarray) -> np.ndarray:
             ax[:, k, None, None], ay[:, k, None, None],
             dx[:, k, None, None], dy[:, k, None, None], inv[:, k, None, None],
         )
-        index = ((rows - c0) * side + (cols - c0)).astype(np.int64)  # (B, P, P), exact ints
-        index = np.broadcast_to(index, d2.shape)
-        # Pixels inside one patch are distinct, so this read-modify-write has no collisions.
-        canvas[img, index] = np.maximum(canvas[img, index], _intensity(d2))
+        # Exact small integers; pixels inside one patch are distinct, so take/put below is a
+        # read-modify-write without collisions.
+        flat = first + ((rows - c0) * side + (cols - c0)).astype(np.int64)
+        canvas.put(flat, np.maximum(canvas.take(flat), _intensity(d2)))
     canvas = canvas.reshape(b, side, side)[:, -c0 : -c0 + SIDE, -c0 : -c0 + SIDE]
     return canvas.reshape(b, SIDE * SIDE)
 
 
-def make_curves(n: int, seed: int, *, chunk: int = 2048) -> torch.Tensor:
+def make_curves(n: int, seed: int, *, chunk: int = 256) -> torch.Tensor:
     """``n`` CURVES images as float32 of shape (n, 784), values in [0, 1].
 
     Deterministic in ``seed`` and the same bytes on every IEEE 754 machine and thread count
