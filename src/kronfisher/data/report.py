@@ -101,7 +101,7 @@ def report(names: list[str], *, full: bool = True) -> tuple[str, bool]:
     the probe is run).
     """
     lines = ["kronfisher data report", ""]
-    lines += [f"{k:22s} {v}" for k, v in platform_facts().items()]
+    lines += [f"{k:26s} {v}" for k, v in platform_facts().items()]
     lines.append("")
     checks: list[SplitCheck] = []
     if "curves" in names:
