@@ -201,13 +201,15 @@ def _bilinear(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     y0 = np.floor(iy)
     fx = ix - x0
     fy = iy - y0
-    j0 = x0.astype(np.int64)
-    i0 = y0.astype(np.int64)
-    j1 = np.minimum(j0 + 1, w - 1)
-    i1 = np.minimum(i0 + 1, h - 1)
+    # Flat index of the top-left neighbour (exact small integers) and the steps to the right
+    # and lower neighbours, 0 on the last column/row (where the weight fx or fy is 0 anyway).
+    base = (y0 * w + x0).astype(np.int64)
+    right = (x0 < w - 1.0).astype(np.int64)
+    down = np.where(y0 < h - 1.0, w, 0)
     flat = image.ravel()
-    top = (1.0 - fx) * flat[i0 * w + j0] + fx * flat[i0 * w + j1]
-    bottom = (1.0 - fx) * flat[i1 * w + j0] + fx * flat[i1 * w + j1]
+    top = (1.0 - fx) * flat.take(base) + fx * flat.take(base + right)
+    base += down
+    bottom = (1.0 - fx) * flat.take(base) + fx * flat.take(base + right)
     return (1.0 - fy) * top + fy * bottom
 
 
@@ -223,7 +225,7 @@ def _box_mean(samples: np.ndarray) -> np.ndarray:
 
 
 def augment_faces(
-    images: np.ndarray, n_per_image: int, rng: np.random.Generator, *, chunk: int = 64
+    images: np.ndarray, n_per_image: int, rng: np.random.Generator, *, chunk: int = 16
 ) -> np.ndarray:
     """Random rotate/scale/crop/subsample ``n_per_image`` views of each image.
 
