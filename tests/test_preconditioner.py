@@ -394,6 +394,42 @@ def test_kl_clip_scales_the_update():
         torch.testing.assert_close(grad_matrix(m), nu * free[m], rtol=1e-10, atol=1e-14)
 
 
+def test_kl_clip_authors_mode_has_no_lr_and_sums_absolute_layer_products():
+    model = mlp()
+    x, y = torch.randn(16, 5, dtype=D), 10 * torch.randn(16, 3, dtype=D)
+    pc = kf.KFAC(model, damping=1e-2, ema_decay=0.0)
+    old = collect_and_step(pc, model, x, y)
+    free = {m: grad_matrix(m).clone() for m in old}
+    dots = [float((free[m] * old[m]).sum()) for m in old]
+    kappa = 1e-2 * sum(abs(d) for d in dots)  # clips by a factor 10 in mode "authors"
+    pc2 = kf.KFAC(model, damping=1e-2, ema_decay=0.0, kl_clip=kappa, kl_clip_mode="authors")
+    collect_and_step(pc2, model, x, y)
+    nu = (kappa / sum(abs(d) for d in dots)) ** 0.5
+    for m in old:
+        torch.testing.assert_close(grad_matrix(m), nu * free[m], rtol=1e-10, atol=1e-14)
+    # the same κ with the lr² convention (lr = 0.1) clips 100× less in ν²
+    pc3 = kf.KFAC(model, damping=1e-2, ema_decay=0.0, kl_clip=kappa, lr=0.1)
+    collect_and_step(pc3, model, x, y)
+    nu3 = min(1.0, (kappa / (0.01 * sum(dots))) ** 0.5)
+    for m in old:
+        torch.testing.assert_close(grad_matrix(m), nu3 * free[m], rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="kl_clip_mode"):
+        kf.KFAC(model, kl_clip=1e-2, kl_clip_mode="bogus")
+
+
+@pytest.mark.parametrize("scheme", ["factored_pi1", "authors"])
+@pytest.mark.parametrize("method", ["kpsvd", "kfac_corrected"])
+def test_preconditioner_uses_its_damping_scheme(method, scheme):
+    model = mlp()
+    x, y = torch.randn(16, 5, dtype=D), torch.randn(16, 3, dtype=D)
+    pc = CLASSES[method](model, damping=3e-2, ema_decay=0.0, damping_scheme=scheme)
+    old = collect_and_step(pc, model, x, y)
+    for m in old:
+        dense = pc.curvature(m).to_dense(3e-2, scheme)
+        torch.testing.assert_close(vec(grad_matrix(m)), torch.linalg.solve(dense, vec(old[m])),
+                                   rtol=1e-8, atol=1e-12)
+
+
 def test_sampled_nll_values_and_true_fisher():
     out = torch.randn(4, 3, dtype=D, requires_grad=True)
     gen = torch.Generator().manual_seed(0)

@@ -30,8 +30,10 @@ from torch import Tensor
 
 __all__ = ["KroneckerSum", "KroneckerFactorization", "DampingScheme", "SingularFactorError"]
 
-DampingScheme = str  # "tikhonov" | "factored"
-_SCHEMES = ("tikhonov", "factored")
+DampingScheme = str  # one of SCHEMES
+SCHEMES = ("tikhonov", "factored", "factored_pi1", "authors")
+"""Damping schemes; see :class:`KroneckerSum` for the matrix each one inverts."""
+_SCHEMES = SCHEMES
 
 
 class SingularFactorError(RuntimeError):
@@ -175,6 +177,28 @@ def pi_factor(A: Tensor, G: Tensor) -> float:
     return math.sqrt(ta / tg)
 
 
+def first_term_shifts(
+    A: Tensor, G: Tensor, damping: float, scheme: DampingScheme, n_terms: int
+) -> tuple[float, float] | None:
+    """The shifts (c_a, c_g) added to the first term's factors, (A + c_a I) ⊗ (G + c_g I).
+
+    None means exact Tikhonov damping (A ⊗ G + λ I; one-term ``"tikhonov"`` only, and the
+    CG path of three or more terms). Two terms are always damped on the first term:
+    ``"tikhonov"`` and ``"factored"`` use Martens & Grosse's trace-based π, (π√λ, √λ/π);
+    ``"factored_pi1"`` uses π = 1, (√λ, √λ) (the authors' one-term scheme); ``"authors"``
+    is (√λ, √λ) for one term and (λ, λ) for two terms (the authors' two-term scheme).
+    """
+    if n_terms > 2 or (n_terms == 1 and scheme == "tikhonov") or damping == 0:
+        return None
+    r = math.sqrt(damping)
+    if scheme in ("tikhonov", "factored"):
+        pi = pi_factor(A, G)
+        return pi * r, r / pi
+    if scheme == "authors" and n_terms == 2:
+        return damping, damping
+    return r, r
+
+
 @dataclass
 class KroneckerFactorization:
     """A factorised damped Kronecker matrix, reusable for many solves.
@@ -283,20 +307,27 @@ class KroneckerSum:
     Args:
         terms: list of ``(A, G)`` with A (d_a × d_a) and G (d_g × d_g), symmetric.
 
-    ``solve(V, damping)`` inverts ``to_dense(damping)``:
+    ``solve(V, damping, scheme)`` inverts ``to_dense(damping, scheme)`` (λ = damping):
 
-    * one term, ``scheme="tikhonov"`` (default): A ⊗ G + λ I exactly, through the
+    * one term, ``"tikhonov"`` (default): A ⊗ G + λ I exactly, through the
       eigendecompositions A = U_a Λ_a U_aᵀ and G = U_g Λ_g U_gᵀ.
+    * one term, ``"factored"``: (A + π√λ I) ⊗ (G + √λ/π I), π = :func:`pi_factor`.
+    * one term, ``"factored_pi1"`` or ``"authors"``: (A + √λ I) ⊗ (G + √λ I) (π = 1, the
+      authors' scheme; two factor inverses).
+    * two terms, ``"tikhonov"`` or ``"factored"``: (A₁ + π√λ I) ⊗ (G₁ + √λ/π I) + A₂ ⊗ G₂;
+      ``"factored_pi1"``: (A₁ + √λ I) ⊗ (G₁ + √λ I) + A₂ ⊗ G₂; all by simultaneous
+      diagonalisation of the two A's and of the two G's (DESIGN.md §5). For λ = 0 the
+      first term alone must be positive definite.
+    * two terms, ``"authors"``: (A₁ + λ I) ⊗ (G₁ + λ I) + |A₂| ⊗ |G₂|, where |A₂| is A₂
+      with the signs of its eigenvalues relative to A₁ + λ I dropped (K_aᵀ A₂ K_a = S_a
+      becomes |S_a|): the inverse scales by 1 / (1 + |s_g||s_a|), never clamped.
+    * three or more terms (any scheme): Σ A_k ⊗ G_k + λ I, by conjugate gradients
+      preconditioned with the damped first term (tolerance 1e-10 relative); ``to_dense``
+      is the exact sum.
 
     The first term's factors are taken as positive semi-definite (true for every method
     in this package): negative eigenvalues of A₁ and G₁, which arise from rounding, are
     set to 0 before damping.
-    * one term, ``scheme="factored"``: (A + π√λ I) ⊗ (G + √λ/π I).
-    * two terms (both schemes): (A₁ + π√λ I) ⊗ (G₁ + √λ/π I) + A₂ ⊗ G₂, by simultaneous
-      diagonalisation of the two A's and of the two G's (DESIGN.md §5). For λ = 0 the
-      first term alone must be positive definite.
-    * three or more terms: Σ A_k ⊗ G_k + λ I, by conjugate gradients preconditioned with
-      the damped first term (tolerance 1e-10 relative); ``to_dense`` is the exact sum.
 
     Not positive definite: one term never is for λ > 0 (its factors are PSD, so every
     eigenvalue λ_g λ_a + λ ≥ λ). For two terms, an eigenvalue 1 + s_g s_a of the damped
@@ -358,16 +389,23 @@ class KroneckerSum:
 
         This is the matrix ``solve`` inverts whenever it is positive definite. Where it is
         not, ``solve`` inverts a clamped version (with a warning); that matrix is
-        ``factorize(damping, scheme).to_dense()``.
+        ``factorize(damping, scheme).to_dense()``. For two terms under ``"authors"`` the
+        second term is replaced by its absolute value relative to the damped first term
+        (see :class:`KroneckerSum`), so the result is always positive definite.
         """
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown damping scheme {scheme!r}; choose from {SCHEMES}")
         eye = torch.eye
         terms = list(self._terms)
-        if damping and (len(self) == 2 or (len(self) == 1 and scheme == "factored")):
-            A, G = terms[0]
-            pi, r = pi_factor(A, G), math.sqrt(damping)
-            A = A + pi * r * eye(A.shape[0], dtype=A.dtype, device=A.device)
-            G = G + r / pi * eye(G.shape[0], dtype=G.dtype, device=G.device)
+        A, G = terms[0]
+        shifts = first_term_shifts(A, G, damping, scheme, len(self))
+        if shifts is not None:
+            ca, cg = shifts
+            A = A + ca * eye(A.shape[0], dtype=A.dtype, device=A.device)
+            G = G + cg * eye(G.shape[0], dtype=G.dtype, device=G.device)
             terms[0] = (A, G)
+            if scheme == "authors" and len(self) == 2:
+                terms[1] = (_relative_abs(A, terms[1][0]), _relative_abs(G, terms[1][1]))
             damping = 0.0
         out = sum(torch.kron(A, G) for A, G in terms)
         if damping:
@@ -401,7 +439,7 @@ class KroneckerSum:
         if len(self) == 1:
             fac = self._factorize_one(damping, scheme, eig_floor)
         elif len(self) == 2:
-            fac = self._factorize_two(damping, min_ratio)
+            fac = self._factorize_two(damping, scheme, min_ratio)
         else:  # CG preconditioner: the first term with exact Tikhonov damping
             fac = KroneckerSum([self._terms[0]])._factorize_one(damping, "tikhonov", eig_floor)
             fac.extra_terms = self._terms[1:]
@@ -432,10 +470,10 @@ class KroneckerSum:
         ea, Ua, side_a = _eigh_sym(A)
         eg, Ug, side_g = _eigh_sym(G)
         ea, eg = ea.clamp_min(0), eg.clamp_min(0)
-        if scheme == "factored" and damping > 0:
-            pi = pi_factor(A, G)
-            ea = ea + pi * math.sqrt(damping)
-            eg = eg + math.sqrt(damping) / pi
+        shifts = first_term_shifts(A, G, damping, scheme, 1)
+        if shifts is not None:
+            ea = ea + shifts[0]
+            eg = eg + shifts[1]
             D = eg[:, None] * ea[None, :]
         else:
             D = eg[:, None] * ea[None, :] + damping
@@ -452,12 +490,13 @@ class KroneckerSum:
         return KroneckerFactorization(Ua, Ug, D, Ua.mT, Ug.mT, damping, scheme, clamped,
                                       blocks=_blocks(side_g, side_a, Ug, Ua, D))
 
-    def _factorize_two(self, damping: float, min_ratio: float):
+    def _factorize_two(self, damping: float, scheme: str, min_ratio: float):
         (A1, G1), (A2, G2) = self._terms[0], self._terms[1]
-        pi = pi_factor(A1, G1)
-        da, dg = (pi * math.sqrt(damping), math.sqrt(damping) / pi) if damping > 0 else (0, 0)
+        da, dg = first_term_shifts(A1, G1, damping, scheme, 2) or (0.0, 0.0)
         Ka, Ka_inv, sa, side_a = _congruence(A1, A2, da, "A")
         Kg, Kg_inv, sg, side_g = _congruence(G1, G2, dg, "G")
+        if scheme == "authors":  # 1 + |s_g||s_a| ≥ 1: positive definite, never clamped
+            sa, sg = sa.abs(), sg.abs()
         D = 1.0 + sg[:, None] * sa[None, :]
         bad = D <= min_ratio
         clamped = int(bad.sum())
@@ -469,7 +508,7 @@ class KroneckerSum:
                 stacklevel=3,
             )
             D = torch.where(bad, torch.as_tensor(min_ratio, dtype=D.dtype), D)
-        return KroneckerFactorization(Ka, Kg, D, Ka_inv, Kg_inv, damping, "factored", clamped,
+        return KroneckerFactorization(Ka, Kg, D, Ka_inv, Kg_inv, damping, scheme, clamped,
                                       blocks=_blocks(side_g, side_a, Kg, Ka, D))
 
     def _cg_solve(self, V: Tensor, damping: float, pre: KroneckerFactorization) -> Tensor:
@@ -501,6 +540,18 @@ class KroneckerSum:
             p = z + (rz_new / rz) * p
             rz = rz_new
         return X
+
+
+def _relative_abs(X1: Tensor, X2: Tensor) -> Tensor:
+    """|X2| relative to the positive definite X1: with Kᵀ X1 K = I and Kᵀ X2 K = S,
+    returns K⁻ᵀ |S| K⁻¹ = X1 K |S| Kᵀ X1 (equal to X2 when X2 is PSD). Dense reference
+    for the ``"authors"`` two-term scheme."""
+    e, U = torch.linalg.eigh(_sym(X1))
+    W = U / e.sqrt()
+    s, E = torch.linalg.eigh(_sym(W.mT @ _sym(X2) @ W))
+    K = W @ E
+    B = _sym(X1) @ K
+    return _sym(B @ torch.diag(s.abs()) @ B.mT)
 
 
 def _congruence(

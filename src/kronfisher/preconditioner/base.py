@@ -43,7 +43,9 @@ from ._checks import (
     nonfinite_names,
 )
 
-__all__ = ["Preconditioner", "LayerState", "NonFiniteError"]
+__all__ = ["Preconditioner", "LayerState", "NonFiniteError", "KL_CLIP_MODES"]
+
+KL_CLIP_MODES = ("lr2", "authors")
 
 
 class NonFiniteError(FloatingPointError):
@@ -86,9 +88,14 @@ class Preconditioner:
             of this (others run hook-free); ``collect(force=True)`` always records.
         inv_update_freq: the damped curvature is refactorised every this many steps (and
             whenever the damping changes or no factorisation exists yet).
-        kl_clip: if not None, scale all preconditioned gradients by
-            ν = min(1, sqrt(kl_clip / (lr² Σ ⟨Δ, ∇⟩))) (Ba et al.; kfac-pytorch convention).
-        lr: the optimizer's learning rate, needed by ``kl_clip`` only.
+        kl_clip: if not None, scale all preconditioned gradients Δ (∇: the raw gradients)
+            by ν, with ``kl_clip_mode``:
+            "lr2" (default): ν = min(1, sqrt(kl_clip / (lr² Σ_layers ⟨Δ, ∇⟩))) (Ba et al.;
+            kfac-pytorch's convention);
+            "authors": ν = min(1, sqrt(kl_clip / Σ_layers |⟨Δ, ∇⟩|)) (the paper's code:
+            no lr², absolute value per layer).
+        kl_clip_mode: "lr2" or "authors" (see ``kl_clip``).
+        lr: the optimizer's learning rate, needed by ``kl_clip`` in mode "lr2" only.
         nonfinite: "skip" (default): a NaN/Inf gradient of any model parameter (also the
             skipped ones) makes :meth:`step` warn, set every model parameter's ``.grad`` to
             None (so ``optimizer.step()`` changes nothing) and return False; NaN/Inf
@@ -108,6 +115,7 @@ class Preconditioner:
         kl_clip: float | None = None,
         lr: float | None = None,
         nonfinite: str = "skip",
+        kl_clip_mode: str = "lr2",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError("model must be a torch.nn.Module")
@@ -115,8 +123,12 @@ class Preconditioner:
         _check_positive_int("inv_update_freq", inv_update_freq)
         if not (0.0 <= ema_decay < 1.0):
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        if kl_clip is not None and (lr is None or kl_clip <= 0 or lr <= 0):
-            raise ValueError("kl_clip needs a positive kl_clip and the optimizer's lr > 0")
+        if kl_clip_mode not in KL_CLIP_MODES:
+            raise ValueError(f"kl_clip_mode must be one of {KL_CLIP_MODES}, got {kl_clip_mode!r}")
+        if kl_clip is not None and not kl_clip > 0:
+            raise ValueError(f"kl_clip must be > 0 (or None), got {kl_clip!r}")
+        if kl_clip is not None and kl_clip_mode == "lr2" and (lr is None or not lr > 0):
+            raise ValueError("kl_clip in mode 'lr2' needs the optimizer's lr > 0")
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         self.model = model
@@ -125,6 +137,7 @@ class Preconditioner:
         self.cov_update_freq = cov_update_freq
         self.inv_update_freq = inv_update_freq
         self.kl_clip = kl_clip
+        self.kl_clip_mode = kl_clip_mode
         self.lr = lr
         self.nonfinite = nonfinite
         self.steps = 0
@@ -383,7 +396,11 @@ class Preconditioner:
     def _kl_scale(self, out: dict, grads: dict) -> float:
         if self.kl_clip is None:
             return 1.0
-        vg = sum(float((X * grads[s.name]).sum()) for s, X in out.items()) * self.lr**2
+        dots = [(X * grads[s.name]).sum() for s, X in out.items()]
+        if self.kl_clip_mode == "authors":
+            vg = float(torch.stack(dots).abs().sum())
+        else:
+            vg = float(torch.stack(dots).sum()) * self.lr**2
         if not vg > 0:
             return 1.0
         return min(1.0, math.sqrt(self.kl_clip / vg))
@@ -412,7 +429,8 @@ class Preconditioner:
         return self._state_of(module).curvature
 
     # -------------------------------------------------------------- state_dict
-    _HYPER = ("damping", "ema_decay", "cov_update_freq", "inv_update_freq", "kl_clip", "lr")
+    _HYPER = ("damping", "ema_decay", "cov_update_freq", "inv_update_freq", "kl_clip",
+              "kl_clip_mode", "lr")
 
     def state_dict(self) -> dict:
         """Everything needed for a resumed run to produce the same preconditioned gradients."""

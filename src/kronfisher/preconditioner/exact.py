@@ -62,11 +62,13 @@ class ExactNG(Preconditioner):
         lr: float | None = None,
         max_params: int = 10_000,
         nonfinite: str = "skip",
+        kl_clip_mode: str = "lr2",
     ):
         self.block_diagonal = block_diagonal
         super().__init__(
             model, damping=damping, ema_decay=ema_decay, cov_update_freq=cov_update_freq,
             inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
+            kl_clip_mode=kl_clip_mode,
         )
         sizes = {n: sum(p.numel() for p in s.adapter.params(s.module))
                  for n, s in self.layers.items()}

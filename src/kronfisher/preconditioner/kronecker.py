@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..curvature import KroneckerEstimator
 from ..linalg import KroneckerSum, SingularFactorError
+from ..linalg.kronecker import SCHEMES
 from .base import LayerState, Preconditioner
 
 __all__ = ["KroneckerPreconditioner", "KFAC", "KPSVD", "Deflation", "KFACCorrected", "Lanczos"]
@@ -26,9 +27,12 @@ class KroneckerPreconditioner(Preconditioner):
         conv_radius: Conv2d location pairs kept by the SVD-based methods: 0 (spatial
             independence, the default), an integer r (Chebyshev distance ≤ r on the
             output grid) or "all" (the exact conv block). KFAC always uses KFC.
-        damping_scheme: "tikhonov" (exact A⊗G + λI, one-term methods) or "factored"
-            ((A + π√λ I)⊗(G + √λ/π I)). Two-term methods always damp the first term in
-            factored form (DESIGN.md §5).
+        damping_scheme: "tikhonov" (exact A⊗G + λI for one-term methods; two-term methods
+            damp the first term as "factored"), "factored" ((A + π√λ I)⊗(G + √λ/π I),
+            trace-based π), "factored_pi1" ((A + √λ I)⊗(G + √λ I)) or "authors" (the
+            paper's code: "factored_pi1" for one term; (A₁ + λI)⊗(G₁ + λI) and
+            1 + |s_g||s_a| for two terms). See :class:`~kronfisher.KroneckerSum`.
+        kl_clip_mode: "lr2" or "authors" (see :class:`Preconditioner`).
         tol, max_iter: solver tolerance (relative) and iteration cap.
     """
 
@@ -52,12 +56,11 @@ class KroneckerPreconditioner(Preconditioner):
         tol: float | None = None,
         max_iter: int | None = None,
         nonfinite: str = "skip",
+        kl_clip_mode: str = "lr2",
     ):
         method = method or self.method
-        if damping_scheme not in ("tikhonov", "factored"):
-            raise ValueError(
-                f"damping_scheme must be 'tikhonov' or 'factored', got {damping_scheme!r}"
-            )
+        if damping_scheme not in SCHEMES:
+            raise ValueError(f"damping_scheme must be one of {SCHEMES}, got {damping_scheme!r}")
         self.estimator = KroneckerEstimator(
             method, solver=solver, rank=rank, conv_radius=conv_radius, tol=tol,
             max_iter=max_iter,
@@ -67,6 +70,7 @@ class KroneckerPreconditioner(Preconditioner):
         super().__init__(
             model, damping=damping, ema_decay=ema_decay, cov_update_freq=cov_update_freq,
             inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
+            kl_clip_mode=kl_clip_mode,
         )
 
     def _update_curvature(self, batch: dict[LayerState, tuple[Tensor, Tensor, tuple]]) -> None:
