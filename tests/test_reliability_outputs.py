@@ -148,6 +148,20 @@ def test_compare_results_are_rescued_and_reported(tiny_curves, tmp_path, monkeyp
     assert not (out / LOCK_NAME).exists()
 
 
+def test_train_into_a_folder_with_an_earlier_run_keeps_it(tiny_curves, tmp_path, monkeypatch,
+                                                          capsys):
+    import kronfisher.bench.runner as runner
+
+    monkeypatch.setattr(runner, "train", _quick_train)
+    assert main(_train_argv(tmp_path)) == 0
+    first = (tmp_path / "run.json").read_text()
+    assert main(_train_argv(tmp_path)) == 0
+    assert "kept the earlier run.json as run.json.old-" in capsys.readouterr().out
+    (old,) = tmp_path.glob("run.json.old-*")
+    assert old.read_text() == first
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "complete"
+
+
 def test_save_text_prints_when_no_file_can_be_written(tmp_path, monkeypatch, capsys):
     def never(path, text):
         raise OSError(errno.EROFS, "Read-only file system")

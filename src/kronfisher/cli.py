@@ -151,7 +151,14 @@ def _config(args, optimizer: str):
 
 
 def _cmd_train(args) -> int:
-    from .bench.io import OutputError, check_writable_dir, csv_text, save_json, save_text
+    from .bench.io import (
+        OutputError,
+        check_writable_dir,
+        csv_text,
+        move_aside,
+        save_json,
+        save_text,
+    )
     from .bench.runner import train
 
     if args.epochs is None and args.time_budget is None:
@@ -178,6 +185,9 @@ def _cmd_train(args) -> int:
         from . import __version__
 
         res["kronfisher_version"] = __version__
+        for name in ("run.json", "run.csv"):  # an earlier run's files are kept, renamed
+            if (args.out / name).exists():
+                print(f"kept the earlier {name} as {move_aside(args.out / name, 'old').name}")
         wrote = [save_json(args.out / "run.json", res),
                  save_text(args.out / "run.csv", csv_text(res["history"]))]
         if wrote != [args.out / "run.json", args.out / "run.csv"]:

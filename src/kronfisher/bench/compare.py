@@ -10,14 +10,12 @@ time per folder (:func:`~kronfisher.bench.lock.folder_lock`).
 from __future__ import annotations
 
 import json
-import os
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .io import OutputError, check_writable_dir, csv_text, save_json, save_text
+from .io import OutputError, check_writable_dir, csv_text, move_aside, save_json, save_text
 from .lock import folder_lock
 from .problems import PROBLEMS
 from .runner import RunConfig, train
@@ -71,17 +69,6 @@ def load_result(path: Path) -> tuple[dict | None, str | None]:
     return (None, why) if why else (obj, None)
 
 
-def _move_aside(path: Path, reason: str) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = path.with_name(f"{path.name}.{reason}-{stamp}")
-    n = 1
-    while aside.exists():
-        aside = path.with_name(f"{path.name}.{reason}-{stamp}-{n}")
-        n += 1
-    os.replace(path, aside)
-    return aside
-
-
 def _reusable(cfg: RunConfig, path: Path, echo) -> dict | None:
     """The finished run at ``path`` if it can stand for ``cfg`` now; otherwise move the
     file aside (saying why) and return None."""
@@ -90,7 +77,7 @@ def _reusable(cfg: RunConfig, path: Path, echo) -> dict | None:
     name = f"[{cfg.optimizer}]"
     old, why = load_result(path)
     if old is None:
-        aside = _move_aside(path, "corrupt")
+        aside = move_aside(path, "corrupt")
         echo(f"{name} {path} is not a usable result ({why}): moved it to {aside.name},"
              " running again")
         return None
@@ -103,7 +90,7 @@ def _reusable(cfg: RunConfig, path: Path, echo) -> dict | None:
     if old.get("torch_threads") != threads:
         differs.append(f"{old.get('torch_threads', 'unknown')} torch threads (now {threads})")
     if differs:
-        aside = _move_aside(path, "old")
+        aside = move_aside(path, "old")
         echo(f"{name} the finished run in {path} was made with {', '.join(differs)}; its"
              f" times would not compare: moved it to {aside.name}, running again")
         return None

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "check_writable_dir",
     "save_text",
     "save_json",
+    "move_aside",
 ]
 
 
@@ -153,3 +155,17 @@ def save_text(path: str | Path, text: str, *, echo=None) -> Path | None:
 def save_json(path: str | Path, obj, *, echo=None) -> Path | None:
     """:func:`save_text` of the JSON :func:`write_json` would write."""
     return save_text(path, _json_text(obj), echo=echo)
+
+
+def move_aside(path: str | Path, reason: str) -> Path:
+    """Rename ``path`` (a file or folder) to ``<name>.<reason>-<time>`` beside it (a free
+    name) instead of overwriting or deleting it; returns the new path."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.name}.{reason}-{stamp}")
+    n = 1
+    while aside.exists():
+        aside = path.with_name(f"{path.name}.{reason}-{stamp}-{n}")
+        n += 1
+    os.replace(path, aside)
+    return aside
