@@ -41,8 +41,11 @@ def _umask() -> int:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` via a temporary file in the same folder and
-    os.replace, with mode 0o666 & ~umask."""
+    """Write ``text`` (UTF-8) to ``path`` atomically, with mode 0o666 & ~umask.
+
+    The text goes to a temporary file in the same folder, then ``os.replace`` moves it
+    over ``path``: a killed process never leaves a half-written file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -65,10 +68,12 @@ def _json_text(obj) -> str:
 
 
 def write_json(path: str | Path, obj) -> None:
+    """Write ``obj`` as indented, key-sorted JSON with :func:`atomic_write_text`."""
     atomic_write_text(path, _json_text(obj))
 
 
 def read_json(path: str | Path):
+    """The parsed JSON content of ``path`` (UTF-8)."""
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -84,6 +89,7 @@ def csv_text(rows: list[dict]) -> str:
 
 
 def write_csv(path: str | Path, rows: list[dict]) -> None:
+    """Write ``rows`` as CSV (see :func:`csv_text`) with :func:`atomic_write_text`."""
     atomic_write_text(path, csv_text(rows))
 
 
@@ -158,8 +164,10 @@ def save_json(path: str | Path, obj, *, echo=None) -> Path | None:
 
 
 def move_aside(path: str | Path, reason: str) -> Path:
-    """Rename ``path`` (a file or folder) to ``<name>.<reason>-<time>`` beside it (a free
-    name) instead of overwriting or deleting it; returns the new path."""
+    """Rename ``path`` (a file or folder) to a free ``<name>.<reason>-<time>`` beside it.
+
+    Used instead of overwriting or deleting a result; returns the new path.
+    """
     path = Path(path)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     aside = path.with_name(f"{path.name}.{reason}-{stamp}")

@@ -19,7 +19,8 @@ def nonfinite_names(named: list[tuple[str, Tensor]]) -> list[str]:
     A sum with a NaN or ±Inf term is never finite, so finite sums of all tensors prove
     every entry finite (float16/bfloat16 summed in float32). Only a tensor whose sum is
     not finite is then checked entrywise: its sum may just have overflowed. (On the CPU a
-    sum is ~50× cheaper than ``torch._foreach_norm(·, inf)`` or ``isfinite().all()``.)"""
+    sum is ~50× cheaper than ``torch._foreach_norm(·, inf)`` or ``isfinite().all()``.)
+    """
     if not named:
         return []
     sums = [t.sum(dtype=torch.float32) if t.dtype in _LOW else t.sum() for _, t in named]
