@@ -183,13 +183,28 @@ def _config(args, optimizer: str):
 
 
 def _cmd_train(args) -> int:
-    from .bench.io import write_csv, write_json
+    from .bench.io import (
+        OutputError,
+        check_writable_dir,
+        csv_text,
+        move_aside,
+        save_json,
+        save_text,
+    )
     from .bench.runner import train
 
     if args.epochs is None and args.time_budget is None and args.iterations is None:
         args.epochs = 1.0
     cfg = _config(args, args.optimizer)
+    if args.out:
+        try:  # before the training, not after it
+            check_writable_dir(args.out)
+        except OutputError as e:
+            print(f"kronfisher train: {e}", file=sys.stderr)
+            return 2
     tr, te = _load(args.problem)
+    args.on_interrupt = ("training stopped; train writes its result only at the end, so"
+                         " nothing was kept: rerun the command to train again")
 
     def log(row):
         print(f"epoch {row['epoch']:7.2f}  train {row['train_loss']:.4f}"
@@ -200,15 +215,28 @@ def _cmd_train(args) -> int:
     print(f"{args.optimizer} on {args.problem}: {res['status']}")
     iterations = res.pop("iterations")
     if args.out:
-        write_json(args.out / "run.json", res)
-        write_csv(args.out / "run.csv", res["history"])
-        write_csv(args.out / "iterations.csv", iterations)
+        from . import __version__
+
+        res["kronfisher_version"] = __version__
+        names = ("run.json", "run.csv", "iterations.csv")
+        for name in names:  # an earlier run's files are kept, renamed
+            if (args.out / name).exists():
+                print(f"kept the earlier {name} as {move_aside(args.out / name, 'old').name}")
+        wrote = [save_json(args.out / "run.json", res),
+                 save_text(args.out / "run.csv", csv_text(res["history"])),
+                 save_text(args.out / "iterations.csv", csv_text(iterations))]
+        if wrote != [args.out / name for name in names]:
+            print(f"kronfisher train: could not write the run to {args.out}; kept as said"
+                  " above", file=sys.stderr)
+            return 1
         print(f"wrote {args.out / 'run.json'}, run.csv and iterations.csv")
     return 0 if res["status"] == "complete" else 1
 
 
 def _cmd_compare(args) -> int:
-    from .bench.compare import compare
+    from .bench.compare import compare, summarise
+    from .bench.io import OutputError, check_writable_dir
+    from .bench.lock import FolderLockedError
     from .bench.problems import ALL_OPTIMIZERS
 
     names = [s.strip() for s in args.optimizers.split(",") if s.strip()]
@@ -221,12 +249,37 @@ def _cmd_compare(args) -> int:
         print("kronfisher compare: give --epochs, --time-budget or --iterations",
               file=sys.stderr)
         return 2
-    tr, te = _load(args.problem)
     configs = [_config(args, n) for n in names]
-    compare(configs, args.out, tr, te, progress=not args.no_progress)
-    print((args.out / "summary.md").read_text())
+    try:
+        check_writable_dir(args.out)
+    except OutputError as e:
+        print(f"kronfisher compare: {e}", file=sys.stderr)
+        return 2
+    tr, te = _load(args.problem)
+    args.on_interrupt = _compare_interrupted(args.out)
+    try:
+        results = compare(configs, args.out, tr, te, progress=not args.no_progress)
+    except FolderLockedError as e:
+        print(f"kronfisher compare: {e}", file=sys.stderr)
+        return 2
+    except OutputError as e:
+        print(f"kronfisher compare: {e}", file=sys.stderr)
+        return 1
+    print(summarise(results)["markdown"])
     print(f"plots: {args.out / 'loss_vs_epoch.png'}, {args.out / 'loss_vs_time.png'}")
     return 0
+
+
+def _compare_interrupted(out: Path):
+    def note() -> str:
+        from .bench.compare import load_result
+
+        kept = sorted(p.stem for p in (out / "runs").glob("*.json")
+                      if load_result(p)[0] is not None)
+        return (f"finished runs kept in {out / 'runs'}: {', '.join(kept) or 'none'}; the run"
+                " in progress is lost. Rerun the same command to resume (finished runs are"
+                " reused)")
+    return note
 
 
 def _cmd_fisher_error(args) -> int:
@@ -268,6 +321,8 @@ def _cmd_demo(args) -> int:
     if args.no_progress:
         argv.append("--no-progress")
     rc = main(argv)
+    if rc == 130:  # interrupted: compare said what was kept
+        return rc
     if rc == 0:
         print(_demo_versus_authors(args.out, OPTIMIZERS))
     print(f"demo finished in {time.time() - t0:.0f} s")
@@ -317,28 +372,74 @@ def _demo_versus_authors(out: Path, names) -> str:
 
 
 def _cmd_data(args) -> int:
-    from .data import DatasetError, load_dataset
+    from .data import DatasetError, check_cache, load_dataset, splits
 
     try:
-        for split in ("train", "test"):
-            x = load_dataset(args.name, split)
-            print(f"{args.name} {split}: {tuple(x.shape)}, values in"
-                  f" [{float(x.min()):.3f}, {float(x.max()):.3f}] (checksum verified)")
+        shapes = {split: tuple(load_dataset(args.name, split).shape) for split in splits(args.name)}
+        checks = check_cache(args.name)  # re-hashes the cache; NaN/Inf/out of range raise
     except DatasetError as e:
         print(f"kronfisher data: {e}", file=sys.stderr)
         return 2
+    for split, check in checks.items():
+        state = ("checksum verified" if check.ok else
+                 f"UNVERIFIED: sha256 {check.sha256} is not the pinned {check.pinned}")
+        print(f"{args.name} {split}: {shapes[split]} ({state})")
+    if not all(c.ok for c in checks.values()):
+        print("kronfisher data: the data above does not match its pins (accepted only because"
+              " KRONFISHER_DATA_UNPINNED is set); results computed on it are not comparable.",
+              file=sys.stderr)
+        return 1
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "threads", None):
-        import torch
+def _default_threads() -> int:
+    """Physical cores this process may run on (hyper-threads of one core count once)."""
+    import os
 
-        torch.set_num_threads(args.threads)
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not cpus:
+        return max(1, os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(),
+                       (topo / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))  # topology unknown: count the logical CPU
+    return max(1, len(cores))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (130 after Ctrl-C, with what was kept)."""
+    import os
+
+    args = build_parser().parse_args(argv)
+    # --threads, else $OMP_NUM_THREADS, else one thread per available physical core: more
+    # threads than cores
+    # (e.g. torch's default next to another busy process) makes LAPACK's eigh ~100x slower.
+    # The env defaults reach libraries loaded later and child processes; set_num_threads sets
+    # torch's OpenMP and MKL pools, which were already loaded with `import kronfisher`.
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(env) if env.isdigit() and int(env) > 0 else _default_threads()
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(threads))
+    import torch
+
+    torch.set_num_threads(threads)
     handler = {"train": _cmd_train, "compare": _cmd_compare, "fisher-error": _cmd_fisher_error,
                "demo": _cmd_demo, "data": _cmd_data}[args.command]
-    return handler(args)
+    args.on_interrupt = None  # what to tell the user on Ctrl-C; set by the command
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        note = args.on_interrupt
+        note = note() if callable(note) else note
+        print(f"\nkronfisher {args.command}: interrupted"
+              + (f"; {note}" if note else "; nothing was written"), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
