@@ -3,7 +3,9 @@ authors' stored runs, plateau exits, identity controls, and where the time goes.
 
     PYTHONPATH=src python benchmarks/iteration_report.py PROBLEM DIR [PLATEAU]
 
-PLATEAU: the mean-image loss (default: computed from the cached training split).
+PLATEAU: the mean-image loss (default: computed from the cached training split). Also
+writes DIR/iterations_vs_authors.png: our ±10-iteration means (solid) and the authors'
+stored curves (dashed) against the iteration.
 """
 
 from __future__ import annotations
@@ -42,6 +44,35 @@ def phase_table(records: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(problem: str, losses: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kronfisher.bench.reference import authors_curve, window_mean
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (name, ls) in enumerate(losses.items()):
+        its = list(range(10, len(ls) + 1, 10))
+        ax.plot(its, [window_mean(ls, c) for c in its], color=f"C{i % 10}", label=name)
+        ref = authors_curve(problem, name)
+        if ref and "+" not in name:
+            n = len(ls)
+            pts = [p for p in ref if p.iteration <= max(n, 1000)]
+            ax.plot([p.iteration for p in pts], [p.loss_pixel for p in pts],
+                    color=f"C{i % 10}", ls="--", alpha=0.7)
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("per-pixel minibatch loss, ±10-iteration mean (dashed: authors)")
+    ax.set_title(f"{problem}: paper preset against the authors' stored runs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str]) -> None:
     problem, dir_ = argv[0], Path(argv[1])
     if len(argv) > 2:
@@ -56,6 +87,7 @@ def main(argv: list[str]) -> None:
     losses, records = load(dir_)
     print(iteration_table(problem, losses, plateau))
     print(phase_table(records))
+    plot(problem, losses, dir_ / "iterations_vs_authors.png")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ def test_every_stored_curve_is_present_and_complete(problem):
         times = [p.wall_time for p in curve]
         assert all(b >= a for a, b in zip(times, times[1:]))
     assert authors_curve(problem, "identity_kfac") is None
+    assert authors_curve(problem, "kfac+variant") == authors_curve(problem, "kfac")
 
 
 def test_authors_at_picks_the_nearest_stored_point():

@@ -41,8 +41,9 @@ def _table() -> dict[tuple[str, str], list[AuthorsPoint]]:
 
 def authors_curve(problem: str, optimizer: str) -> list[AuthorsPoint] | None:
     """The stored curve of ``optimizer`` on ``problem`` (None if the authors ran none;
-    ``identity_<m>`` controls and SOAP/Shampoo have none)."""
-    return _table().get((problem, optimizer))
+    ``identity_<m>`` controls and SOAP/Shampoo have none). A variant label
+    ``"<optimizer>+<note>"`` (e.g. "kpsvd+kfac_trace") uses the optimizer's curve."""
+    return _table().get((problem, optimizer.split("+")[0]))
 
 
 def authors_at(problem: str, optimizer: str, iteration: int) -> AuthorsPoint | None:
