@@ -46,6 +46,7 @@ def test_paper_preset_resolves_to_the_authors_settings(problem):
     assert hyper(problem, "sgd", "paper").momentum == 0.9
     assert hyper(problem, "adam", "paper").momentum == 0.0
     assert hyper(problem, "adam", "paper").weight_decay == 0.0  # see problems.hyper
+    assert hyper(problem, "sgd", "paper").weight_decay == 0.0
     size = {"curves": 16000, "mnist": 50000, "faces": 82800}[problem]
     h = hyper(problem, "kfac", "paper")
     assert h.train_size == size
