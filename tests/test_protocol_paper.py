@@ -264,3 +264,13 @@ def test_factor_balance_option_reaches_the_preconditioner():
     assert first is pc.layers["0"].module
     with pytest.raises(ValueError, match="factor_balance"):
         make_optimizers("kpsvd", model, replace(h, factor_balance="nope"))
+
+
+def test_demo_end_to_end_prints_the_authors_column(tiny_curves, tmp_path, capsys):
+    assert main(["demo", "--time-budget", "0.2", "--out", str(tmp_path / "demo"),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "next to the authors' stored run at the same iteration" in out
+    assert "best natural-gradient method" in out and "best first-order" in out
+    for name in ["kfac", "kpsvd", "deflation", "kfac_corrected", "lanczos", "adam", "sgd"]:
+        assert (tmp_path / "demo" / "runs" / f"{name}.iterations.csv").exists()
