@@ -20,6 +20,13 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def _nonnegative_float(s: str) -> float:
+    v = float(s)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
 def _positive_int(s: str) -> int:
     v = int(s)
     if v < 1:
@@ -58,6 +65,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--damping-scheme", default=None,
                    choices=["tikhonov", "factored", "factored_pi1", "authors"],
                    help="override the damping scheme (default: the preset's; paper: authors)")
+    p.add_argument("--weight-decay", type=_nonnegative_float, default=None, metavar="WD",
+                   help="override the weight decay (paper preset: 1e-3 for the"
+                        " preconditioned methods, 0 for the first-order baselines)")
     p.add_argument("--factor-balance", default=None, choices=["sqrt_sigma", "kfac_trace"],
                    help="split of σ between the SVD methods' first-term factors: sqrt_sigma"
                         " (‖A‖ = ‖G‖, default) or kfac_trace (tr A = tr A_KFAC)")
@@ -179,6 +189,7 @@ def _config(args, optimizer: str):
         train_subset=args.train_subset, eval_subset=args.eval_subset,
         iterations=args.iterations, reseed_layers=args.reseed_layers, device=args.device,
         damping_scheme=args.damping_scheme, factor_balance=args.factor_balance,
+        weight_decay=args.weight_decay,
     )
 
 

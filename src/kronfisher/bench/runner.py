@@ -53,6 +53,7 @@ class RunConfig:
     device: str = "cpu"
     damping_scheme: str | None = None  # None: the preset's choice
     factor_balance: str | None = None  # None: the preset's choice
+    weight_decay: float | None = None  # None: the preset's choice
 
     def __post_init__(self):
         if self.problem not in PROBLEMS:
@@ -73,7 +74,8 @@ class RunConfig:
         h = hyper(self.problem, self.optimizer, self.preset)
         over = {k: getattr(self, k) for k in ("lr", "damping", "batch_size", "cov_update_freq",
                                               "inv_update_freq", "reseed_layers",
-                                              "damping_scheme", "factor_balance")
+                                              "damping_scheme", "factor_balance",
+                                              "weight_decay")
                 if getattr(self, k) is not None}
         return replace(h, **over)
 
