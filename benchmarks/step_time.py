@@ -124,7 +124,7 @@ class Trainer:
     """One model + optimizer (+ preconditioner) and the batches it trains on."""
 
     def __init__(self, method: str, X: Tensor, freq: int, seed: int = 0,
-                 start: dict[str, Tensor] | None = None):
+                 start: dict[str, Tensor] | None = None, scheme: str = "tikhonov"):
         self.method = method
         self.X = X
         self.gen = torch.Generator().manual_seed(seed)
@@ -145,6 +145,7 @@ class Trainer:
             self.pc = kf.KroneckerPreconditioner(
                 self.model, method=method, damping=h.damping, ema_decay=h.ema_decay,
                 cov_update_freq=freq, inv_update_freq=freq, kl_clip=h.kl_clip, lr=h.lr,
+                damping_scheme=scheme,
             )
         self.n_curv = max(1, int(round(h.curvature_fraction * BATCH)))
         self.skipped = 0
@@ -208,10 +209,10 @@ def pretrain(X: Tensor, steps: int, seed: int) -> dict[str, Tensor]:
 
 
 def measure_phases(methods: list[str], X: Tensor, steps: int, warmup: int,
-                   start: dict[str, Tensor]) -> dict[str, Run]:
+                   start: dict[str, Tensor], scheme: str = "tikhonov") -> dict[str, Run]:
     """Per-phase times with T_cov = T_inv = 1. The methods take turns step by step, so a
     burst of load from elsewhere hits them alike instead of one method's whole run."""
-    trainers = {m: Trainer(m, X, freq=1, start=start) for m in methods}
+    trainers = {m: Trainer(m, X, freq=1, start=start, scheme=scheme) for m in methods}
     runs = {m: Run(m) for m in methods}
     for _ in range(warmup):
         for tr in trainers.values():
@@ -230,13 +231,13 @@ def measure_phases(methods: list[str], X: Tensor, steps: int, warmup: int,
 
 
 def measure_direct(run: Run, X: Tensor, T: int, warmup: int, start: dict[str, Tensor],
-                   cycles: int) -> None:
+                   cycles: int, scheme: str = "tikhonov") -> None:
     """Mean wall-clock time of cycles·T consecutive steps with T_cov = T_inv = T, starting
     at an update step (the periodic phases occur exactly ``cycles`` times)."""
     if run.method in BASELINES:
         run.direct[T] = run.amortised(T)  # no periodic phase
         return
-    tr = Trainer(run.method, X, freq=T, start=start)
+    tr = Trainer(run.method, X, freq=T, start=start, scheme=scheme)
     for _ in range(max(T, warmup)):
         tr.step()
         tr.restore()
@@ -331,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(ALL_METHODS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--damping-scheme", default="tikhonov", choices=("tikhonov", "factored", "factored_pi1", "authors"),
+                    help="damping scheme of our Kronecker methods")
     ap.add_argument("--out", default=None, help="write the markdown report here")
     args = ap.parse_args(argv)
 
@@ -356,12 +359,13 @@ def main(argv: list[str] | None = None) -> int:
         # clamping of indefinite two-term approximations warns on every refresh
         warnings.simplefilter("ignore", RuntimeWarning)
         t0 = time.perf_counter()
-        runs = measure_phases(order, X, args.steps, args.warmup, start)
+        runs = measure_phases(order, X, args.steps, args.warmup, start, args.damping_scheme)
         print(f"phases measured in {time.perf_counter() - t0:.0f} s", flush=True)
         for m in order:
             t0 = time.perf_counter()
             for T in direct:
-                measure_direct(runs[m], X, T, args.warmup, start, args.cycles)
+                measure_direct(runs[m], X, T, args.warmup, start, args.cycles,
+                               args.damping_scheme)
             print(f"  {m:15s} T=1 step {fmt_ms(runs[m].amortised(1)):>6s} ms;"
                   + "".join(f" T={T} direct {fmt_ms(runs[m].direct[T])} ms" for T in direct)
                   + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -372,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": "build_model('mnist', 'paper'), float32, batch 512, curvature batch 128",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "damping scheme": args.damping_scheme,
         "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "loadavg before/after": f"{load0} / {load1}",
