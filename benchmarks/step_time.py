@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(ALL_METHODS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--damping-scheme", default="tikhonov", choices=("tikhonov", "factored", "factored_pi1", "authors"),
+    ap.add_argument("--damping-scheme", default="tikhonov",
+                    choices=("tikhonov", "factored", "factored_pi1", "authors"),
                     help="damping scheme of our Kronecker methods")
     ap.add_argument("--out", default=None, help="write the markdown report here")
     args = ap.parse_args(argv)
