@@ -97,6 +97,7 @@ def eigh(x: Tensor) -> tuple[Tensor, Tensor]:
         (eigenvalues, eigenvectors) in ``x``'s dtype.
 
     Raises:
+        ValueError: ``x`` has NaN or Inf entries (found after a failure).
         torch.linalg.LinAlgError: if even the jittered float64 retry fails.
     """
     try:
@@ -105,8 +106,8 @@ def eigh(x: Tensor) -> tuple[Tensor, Tensor]:
             return vals, vecs
     except torch.linalg.LinAlgError:
         pass
-    if x.dtype == torch.float64 and not all_finite(x):
-        raise ValueError("eigh of a matrix with non-finite entries")
+    if not all_finite(x):
+        raise ValueError(f"eigh of a {tuple(x.shape)} matrix with NaN or Inf entries")
     warn_once(
         "eigh-float64",
         f"{x.dtype} eigh failed or returned NaN on a {tuple(x.shape)} matrix; retrying in"
