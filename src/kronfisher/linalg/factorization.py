@@ -159,8 +159,10 @@ class EigenFactorization(KroneckerFactorization):
     """M = (K_a⁻ᵀ ⊗ K_g⁻ᵀ) diag(vec(D)) (K_a⁻¹ ⊗ K_g⁻¹) (see the module docstring).
 
     ``K_a`` (d_a × d_a), ``K_g`` (d_g × d_g), ``D`` (d_g × d_a). ``K_a_inv`` and
-    ``K_g_inv`` give the dense form; None means K is orthogonal (K⁻¹ = Kᵀ). ``blocks``
-    does the same solve on the supports when the factors have zero coordinates.
+    ``K_g_inv`` give the dense form; None means K⁻¹ = Kᵀ(X₁ + c·I) with ``metric_a`` =
+    (X₁, c) (a congruence of the damped first factor, formed only for ``apply`` and
+    ``to_dense``), or K⁻¹ = Kᵀ if there is no metric (orthogonal K). ``blocks`` does the
+    same solve on the supports when the factors have zero coordinates.
     """
 
     K_a: Tensor = field(repr=False, default=None)
@@ -168,6 +170,8 @@ class EigenFactorization(KroneckerFactorization):
     D: Tensor = field(repr=False, default=None)
     K_a_inv: Tensor | None = field(repr=False, default=None)
     K_g_inv: Tensor | None = field(repr=False, default=None)
+    metric_a: tuple[Tensor, float] | None = field(repr=False, default=None)
+    metric_g: tuple[Tensor, float] | None = field(repr=False, default=None)
     blocks: BlockSolve | None = field(repr=False, default=None)
     D_inv: Tensor = field(init=False, repr=False)
 
@@ -187,10 +191,19 @@ class EigenFactorization(KroneckerFactorization):
             return self.blocks.solve(V)
         return self.K_g @ (self.K_g.mT @ V @ self.K_a).mul_(self.D_inv) @ self.K_a.mT
 
+    @staticmethod
+    def _inverse(K: Tensor, K_inv: Tensor | None, metric: tuple[Tensor, float] | None):
+        if K_inv is not None:
+            return K_inv
+        if metric is None:
+            return K.mT
+        X1, c = metric
+        return K.mT @ (X1.to(K.dtype) + c * torch.eye(K.shape[0], dtype=K.dtype,
+                                                        device=K.device))
+
     def _inverses(self) -> tuple[Tensor, Tensor]:
-        Ka_inv = self.K_a.mT if self.K_a_inv is None else self.K_a_inv
-        Kg_inv = self.K_g.mT if self.K_g_inv is None else self.K_g_inv
-        return Ka_inv, Kg_inv
+        return (self._inverse(self.K_a, self.K_a_inv, self.metric_a),
+                self._inverse(self.K_g, self.K_g_inv, self.metric_g))
 
     def apply(self, V: Tensor) -> Tensor:
         Ka_inv, Kg_inv = self._inverses()

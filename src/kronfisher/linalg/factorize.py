@@ -127,13 +127,18 @@ def factorize_two(
         )
         D = torch.where(bad, torch.as_tensor(min_ratio, dtype=D.dtype), D)
     return EigenFactorization(damping, scheme, clamped, K_a=Ka, K_g=Kg, D=D, K_a_inv=Ka_inv,
-                              K_g_inv=Kg_inv, blocks=BlockSolve.maybe(side_g, side_a, Kg, Ka, D))
+                              K_g_inv=Kg_inv, metric_a=(A1, da), metric_g=(G1, dg),
+                              blocks=BlockSolve.maybe(side_g, side_a, Kg, Ka, D))
 
 
 def congruence(
     X1: Tensor, X2: Tensor, shift: float, name: str
-) -> tuple[Tensor, Tensor, Tensor, Side | None]:
+) -> tuple[Tensor, Tensor | None, Tensor, Side | None]:
     """K with Kᵀ(X1 + shift·I)K = I and Kᵀ X2 K = diag(s); returns (K, K⁻¹, s, side).
+
+    K⁻¹ is None when it equals Kᵀ(X1 + shift·I) (the Cholesky route; the factorisation
+    forms it only if its dense form is asked for). The two-eigh route returns it, since
+    there X1 is first projected onto the PSD cone.
 
     X1 is PSD up to rounding. When the shift dominates that rounding (see
     :data:`CHOLESKY_SHIFT_MARGIN`), a fast path gives the same K up to rounding: restrict
@@ -160,16 +165,10 @@ def congruence(
     C = torch.linalg.solve_triangular(L, C.mT, upper=False)
     s, E = eigh(C)
     K = torch.linalg.solve_triangular(L.mT, E, upper=True)  # L⁻ᵀ E
-    K_inv = E.mT @ L.mT
     if idx is None:
-        return K, K_inv, s, None
-    r = math.sqrt(shift)
-    s, K_full, side = embed(K, s, idx, n, 0.0, 1.0 / r)
-    # K⁻¹ = Kᵀ(X1 + shift·I): (EᵀLᵀ) on the support, √shift·e_jᵀ on the zero coordinates
-    K_inv_full = K_inv.new_zeros(n, n)
-    K_inv_full[side.pos[:, None], idx] = K_inv
-    K_inv_full[side.zpos, side.zidx] = r
-    return K_full, K_inv_full, s, side
+        return K, None, s, None
+    s, K_full, side = embed(K, s, idx, n, 0.0, 1.0 / math.sqrt(shift))
+    return K_full, None, s, side
 
 
 def _congruence_eigh(
