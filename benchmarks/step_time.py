@@ -74,6 +74,22 @@ PHASE_NAMES = {
 }
 BASELINES = ("sgd", "adam")
 ALL_METHODS = (*SECOND_ORDER, *BASELINES)
+BASE_PREFIX = "base:"
+BASELINE_LIB: dict[str, object] = {}  # "lib": the --baseline-src package, if loaded
+
+
+def load_baseline(src: str) -> object:
+    """Import the ``kronfisher`` package under ``src`` (e.g. an exported older commit) as
+    ``kronfisher_baseline``, beside the installed one (its imports are all relative)."""
+    import importlib.util
+
+    init = os.path.join(src, "kronfisher", "__init__.py")
+    spec = importlib.util.spec_from_file_location(
+        "kronfisher_baseline", init, submodule_search_locations=[os.path.dirname(init)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["kronfisher_baseline"] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 # --------------------------------------------------------------------------- data
@@ -132,7 +148,10 @@ class Trainer:
         if start is not None:
             self.model.load_state_dict(start)
         self.start = [p.detach().clone() for p in self.model.parameters()]
-        h = hyper("mnist", method, "paper")
+        lib, name = kf, method
+        if method.startswith(BASE_PREFIX):
+            lib, name = BASELINE_LIB["lib"], method[len(BASE_PREFIX):]
+        h = hyper("mnist", name, "paper")
         self.h = h
         params = self.model.parameters()
         if method == "adam":
@@ -141,9 +160,9 @@ class Trainer:
             self.opt = torch.optim.SGD(params, lr=h.lr, momentum=h.momentum,
                                        weight_decay=h.weight_decay)
         self.pc = None
-        if method in SECOND_ORDER:
-            self.pc = kf.KroneckerPreconditioner(
-                self.model, method=method, damping=h.damping, ema_decay=h.ema_decay,
+        if name in SECOND_ORDER:
+            self.pc = lib.KroneckerPreconditioner(
+                self.model, method=name, damping=h.damping, ema_decay=h.ema_decay,
                 cov_update_freq=freq, inv_update_freq=freq, kl_clip=h.kl_clip, lr=h.lr,
                 damping_scheme=scheme,
             )
@@ -335,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--damping-scheme", default="tikhonov",
                     choices=("tikhonov", "factored", "factored_pi1", "authors"),
                     help="damping scheme of our Kronecker methods")
+    ap.add_argument("--baseline-src", default=None,
+                    help="a directory holding another kronfisher package (e.g. `git archive"
+                         " <commit> src | tar -x -C DIR`, then DIR/src): its Kronecker"
+                         " methods are timed beside ours as 'base:<method>', interleaved")
     ap.add_argument("--out", default=None, help="write the markdown report here")
     args = ap.parse_args(argv)
 
@@ -343,7 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     freqs = [int(f) for f in args.freqs.split(",") if f]
     direct = [int(f) for f in args.direct.split(",") if f]
     methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in methods if m not in ALL_METHODS]
+    if args.baseline_src:
+        BASELINE_LIB["lib"] = load_baseline(args.baseline_src)
+        methods += [BASE_PREFIX + m for m in methods if m in SECOND_ORDER]
+    bad = [m for m in methods
+           if m.removeprefix(BASE_PREFIX if args.baseline_src else "") not in ALL_METHODS]
     if bad:
         ap.error(f"unknown method(s) {bad}; choose from {ALL_METHODS}")
     # SGD and KFAC are the references: always measure them, and first
