@@ -15,11 +15,17 @@ import pytest
 import torch
 
 import kronfisher.data as kd
-from kronfisher.data import _fetch, curves, faces, mnist
+from kronfisher.data import _fetch, curves, faces, mnist, report
 from kronfisher.data._common import sha256_array, sha256_bytes
+from kronfisher.data.preview import image_stats
 
-# sha256 of make_curves(256, curves.TRAIN_SEED): the first 256 rows of the pinned train split.
-CURVES_PREFIX_SHA256 = "51d435375857e123bfb04634b171ff9bd637606d75e1de00033284394335e476"
+# sha256 of build_faces on the lfw_subset stand-in of test_faces_stand_in_build_matches_pin.
+LFW_RAW_SHA256 = "b3835cf486a325e955b0295b567593a83a960761ef0302b748b7bb050ca20d27"
+LFW_FACES_SHA256 = {
+    "train": "ffa77f22df5aabc75570e2d3f4161a0adc9726d50b380667d992a6e93518bbbe",
+    "valid": "4f327a4b787ed34bb9d772d1a5664f7bcf44c2e023adf015027033077159c19f",
+    "test": "b53ae53c59a185197b52b3ac6dd085a918b377152ab043c6a043ca83b32b77ea",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -82,9 +88,38 @@ def test_curves_deterministic_and_seed_dependent():
 
 
 def test_curves_prefix_matches_pin():
-    # Guards the generator against drift without the full 30k build.
-    x = kd.make_curves(256, curves.TRAIN_SEED)
-    assert sha256_array(x.numpy()) == CURVES_PREFIX_SHA256
+    # The probe that `python -m kronfisher.data report` checks: the first 256 train rows.
+    x = kd.make_curves(report.PROBE_CURVES, curves.TRAIN_SEED)
+    assert sha256_array(x.numpy()) == report.CURVES_PROBE_SHA256
+    assert report.curves_probe().ok
+
+
+def test_patch_renderer_equals_dense_definition_bit_for_bit():
+    # render() only visits a patch around each segment and takes a max of clipped ramps;
+    # render_dense() is the definition (min distance over all segments, then the ramp).
+    poly = curves.bezier_polylines(200, seed=5)
+    extra = np.array(
+        [
+            [[-3.0, 14.0], [31.0, 14.0]],  # crosses the whole frame and leaves it
+            [[27.9, 0.1], [27.9, 0.1]],  # zero-length segment at a corner
+            [[-5.0, -5.0], [-4.0, -4.0]],  # entirely outside: a blank image
+            [[14.5, 3.0], [14.5, 25.0]],  # a long segment through pixel centres
+        ]
+    )
+    k = curves.SEGMENTS + 1
+    extra = np.stack([np.linspace(e[0], e[1], k) for e in extra])
+    poly = np.concatenate([poly, extra])
+    fast = curves.render(poly)
+    dense = curves.render_dense(poly)
+    assert fast.dtype == dense.dtype == np.float64
+    assert np.array_equal(fast, dense)
+    assert fast[-2].max() == 0.0  # the outside segment paints nothing
+    column = fast[-1].reshape(28, 28)[5:23, 14]
+    assert np.all(column == 1.0)  # on the segment: full intensity
+    # Pixel (14, 16) has its centre 2 px from the vertical line x = 14.5: past the reach.
+    assert fast[-1].reshape(28, 28)[14, 16] == 0.0 and curves.REACH < 2.0
+    # Pixel (14, 15) is 1 px away: intensity REACH - 1.
+    assert fast[-1].reshape(28, 28)[14, 15] == curves.REACH - 1.0
 
 
 def test_curves_are_connected_antialiased_strokes():
@@ -105,7 +140,7 @@ def test_curves_ink_matches_stroke_width_times_length():
     # Total intensity of a stroke of width w along a curve of length L is about w * L
     # (plus round caps); checked on curves that stay well inside the frame.
     n, seed = 400, 11
-    poly = curves._bezier_polylines(n, seed)
+    poly = curves.bezier_polylines(n, seed)
     inside = ((poly > 2.0) & (poly < 26.0)).all(axis=(1, 2))
     length = np.sqrt((np.diff(poly, axis=1) ** 2).sum(axis=2)).sum(axis=1)
     keep = inside & (length > 8.0)
@@ -117,10 +152,30 @@ def test_curves_ink_matches_stroke_width_times_length():
     assert ratio.min() > 0.6 and ratio.max() < 1.4
 
 
-@pytest.mark.slow
-def test_full_curves_build_matches_pins():
+def test_full_curves_build_matches_pins_and_statistics():
+    # The whole 30,000-image build (a few seconds), not only a prefix.
     out = kd.build_curves()
     assert {s: sha256_array(x) for s, x in out.items()} == curves.SHA256
+    # The "predict the mean image" plateau of the original CURVES is 0.158-0.159 nats/pixel.
+    for split, x in out.items():
+        stats = image_stats(x)
+        assert abs(stats.mean_image_bce - 0.158) < 0.003, (split, stats)
+        assert 0.035 < stats.mean_intensity < 0.05 and 0.06 < stats.nonzero_fraction < 0.085
+    assert abs(image_stats(out["train"][:16000]).mean_image_bce - 0.158) < 0.003
+
+
+def test_image_stats_against_direct_bce():
+    rng = np.random.default_rng(0)
+    x = rng.random((50, 12)) * (rng.random((50, 12)) < 0.3)
+    x[:, 0] = 0.0  # a pixel that is always off: contributes 0
+    p = x.mean(axis=0)
+    q = np.clip(p, 1e-300, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bce = -(x * np.log(q) + (1 - x) * np.log1p(-p))
+    stats = image_stats(x)
+    assert stats.mean_image_bce == pytest.approx(float(np.nan_to_num(bce).mean()), rel=1e-12)
+    assert stats.mean_intensity == pytest.approx(x.mean(), rel=1e-12)
+    assert stats.nonzero_fraction == (x != 0).mean()
 
 
 def _small_curves(monkeypatch, n_train=64, n_test=32):
@@ -153,7 +208,7 @@ def test_curves_corrupt_cache_raises(tmp_path, monkeypatch):
     bad["train"] = ref["train"].copy()
     bad["train"][0, 0] += 0.5
     np.savez(path, **bad)
-    with pytest.raises(kd.DatasetError, match=r"sha256.*delete .*curves-v1\.npz"):
+    with pytest.raises(kd.DatasetError, match=r"sha256.*delete .*curves-v2\.npz"):
         kd.load_dataset("curves", cache_dir=tmp_path)
     with pytest.raises(kd.DatasetError, match="sha256"):
         kd.verify("curves", cache_dir=tmp_path)
@@ -166,14 +221,16 @@ def test_curves_corrupt_cache_raises(tmp_path, monkeypatch):
 def test_curves_fresh_build_mismatch_raises_and_writes_nothing(tmp_path, monkeypatch):
     _small_curves(monkeypatch)
     monkeypatch.setattr(curves, "SHA256", {"train": "0" * 64, "test": "0" * 64})
-    with pytest.raises(kd.DatasetError, match="generator code changed.*platform"):
+    with pytest.raises(kd.DatasetError, match="generator code changed.*platform") as info:
         kd.load_dataset("curves", cache_dir=tmp_path)
+    assert "python -m kronfisher.data report curves" in str(info.value)
+    assert "Nothing was written" in str(info.value)
     assert not (tmp_path / curves.CACHE_FILE).exists()
     with pytest.raises(kd.DatasetError, match="not cached"):
         kd.verify("curves", cache_dir=tmp_path)
     # The documented escape hatch turns the mismatch into a warning.
     monkeypatch.setenv("KRONFISHER_DATA_UNPINNED", "1")
-    with pytest.warns(UserWarning, match="accepted"):
+    with pytest.warns(UserWarning, match="UNVERIFIED data accepted"):
         x = kd.load_dataset("curves", cache_dir=tmp_path)
     assert x.shape == (64, 784)
     with pytest.raises(kd.DatasetError):  # verify stays strict
@@ -430,6 +487,24 @@ def test_build_faces_on_lfw_subset():
     out = kd.build_faces(raw, per_person=20, split_persons={"train": 6, "valid": 2, "test": 2})
     _check_standardised(out)
     assert out["train"].shape == (120, 625) and out["test"].shape == (40, 625)
+
+
+def _lfw_stand_in() -> np.ndarray:
+    lfw = pytest.importorskip("skimage.data").lfw_subset()[:100]  # 100 faces, 25x25
+    raw = np.rint(lfw * 255).astype(np.uint8).reshape(10, 10, 25, 25)
+    assert sha256_bytes(raw.tobytes()) == LFW_RAW_SHA256, "skimage's lfw_subset changed"
+    return raw
+
+
+def test_faces_stand_in_build_matches_pin():
+    # The full FACES pipeline (augmentation, split, shuffle, normalisation) on the stand-in:
+    # the same bytes on every machine (tests/test_data_portable.py runs it under other CPU
+    # capabilities and thread counts).
+    out = kd.build_faces(
+        _lfw_stand_in(), per_person=40, split_persons={"train": 6, "valid": 2, "test": 2}
+    )
+    assert {s: sha256_array(x) for s, x in out.items()} == LFW_FACES_SHA256
+    assert report.faces_probe().ok
 
 
 def test_faces_load_from_fake_wheel(tmp_path, monkeypatch):

@@ -236,25 +236,62 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_data(args) -> int:
-    from .data import DatasetError, load_dataset
+    from .data import DatasetError, check_cache, load_dataset, splits
 
     try:
-        for split in ("train", "test"):
-            x = load_dataset(args.name, split)
-            print(f"{args.name} {split}: {tuple(x.shape)}, values in"
-                  f" [{float(x.min()):.3f}, {float(x.max()):.3f}] (checksum verified)")
+        shapes = {split: tuple(load_dataset(args.name, split).shape) for split in splits(args.name)}
+        checks = check_cache(args.name)  # re-hashes the cache; NaN/Inf/out of range raise
     except DatasetError as e:
         print(f"kronfisher data: {e}", file=sys.stderr)
         return 2
+    for split, check in checks.items():
+        state = ("checksum verified" if check.ok else
+                 f"UNVERIFIED: sha256 {check.sha256} is not the pinned {check.pinned}")
+        print(f"{args.name} {split}: {shapes[split]} ({state})")
+    if not all(c.ok for c in checks.values()):
+        print("kronfisher data: the data above does not match its pins (accepted only because"
+              " KRONFISHER_DATA_UNPINNED is set); results computed on it are not comparable.",
+              file=sys.stderr)
+        return 1
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "threads", None):
-        import torch
+def _default_threads() -> int:
+    """Physical cores this process may run on (hyper-threads of one core count once)."""
+    import os
 
-        torch.set_num_threads(args.threads)
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not cpus:
+        return max(1, os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(),
+                       (topo / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))  # topology unknown: count the logical CPU
+    return max(1, len(cores))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    args = build_parser().parse_args(argv)
+    # --threads, else $OMP_NUM_THREADS, else one thread per available physical core: more
+    # threads than cores
+    # (e.g. torch's default next to another busy process) makes LAPACK's eigh ~100x slower.
+    # The env defaults reach libraries loaded later and child processes; set_num_threads sets
+    # torch's OpenMP and MKL pools, which were already loaded with `import kronfisher`.
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(env) if env.isdigit() and int(env) > 0 else _default_threads()
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(threads))
+    import torch
+
+    torch.set_num_threads(threads)
     handler = {"train": _cmd_train, "compare": _cmd_compare, "fisher-error": _cmd_fisher_error,
                "demo": _cmd_demo, "data": _cmd_data}[args.command]
     return handler(args)

@@ -29,7 +29,14 @@ import numpy as np
 import torch
 
 from . import curves, faces, mnist
-from ._common import DatasetError, cache_dir, check_arrays, load_npz, resolve_cache_dir
+from ._common import (
+    DatasetError,
+    SplitCheck,
+    cache_dir,
+    check_arrays,
+    load_npz,
+    resolve_cache_dir,
+)
 from .curves import build_curves, make_curves
 from .faces import augment_faces, build_faces, parse_pgm, read_orl_faces
 from .mnist import build_mnist, read_mnist_pickle
@@ -42,12 +49,14 @@ __all__ = [
     "build_faces",
     "build_mnist",
     "cache_dir",
+    "check_cache",
     "load_dataset",
     "make_curves",
     "parse_pgm",
     "read_mnist_pickle",
     "read_orl_faces",
     "splits",
+    "SplitCheck",
     "verify",
 ]
 
@@ -93,11 +102,14 @@ def load_dataset(
     return torch.from_numpy(arrays[split])
 
 
-def verify(name: str, *, cache_dir: str | os.PathLike[str] | None = None) -> dict[str, str]:
-    """Check every cached split of ``name`` against its pinned SHA-256; return the checksums.
+def check_cache(
+    name: str, *, cache_dir: str | os.PathLike[str] | None = None, strict: bool = False
+) -> dict[str, SplitCheck]:
+    """Re-hash every cached split of ``name``; return one :class:`SplitCheck` per split.
 
-    Strict: ignores ``$KRONFISHER_DATA_UNPINNED``. Raises :class:`DatasetError` if the cache
-    is missing (build it with ``load_dataset(name)``), unreadable or does not match.
+    A checksum mismatch is reported in the result (``ok`` False) unless ``strict``, which
+    raises instead. Always raises :class:`DatasetError` if the cache is missing (build it
+    with ``load_dataset(name)``) or unreadable, or holds NaN/Inf or out-of-range values.
     """
     module = _module(name)
     root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache()
@@ -115,8 +127,20 @@ def verify(name: str, *, cache_dir: str | os.PathLike[str] | None = None) -> dic
         shapes,
         what=f"{name.lower()} (cache {path})",
         hint=f"Delete {path} and call load_dataset again to rebuild it.",
-        strict=True,
+        mismatch="raise" if strict else "report",
+        value_range=module.VALUE_RANGE,
     )
+
+
+def verify(name: str, *, cache_dir: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """Check every cached split of ``name`` against its pinned SHA-256; return the checksums.
+
+    Strict: ignores ``$KRONFISHER_DATA_UNPINNED``. Raises :class:`DatasetError` if the cache
+    is missing (build it with ``load_dataset(name)``), unreadable, holds NaN/Inf or
+    out-of-range values, or does not match.
+    """
+    checks = check_cache(name, cache_dir=cache_dir, strict=True)
+    return {split: c.sha256 for split, c in checks.items()}
 
 
 def _default_cache() -> Path:

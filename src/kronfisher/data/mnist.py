@@ -29,6 +29,8 @@ MEMBER_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e141
 FEATURES = 784
 SIZES = {"train": 60_000, "test": 10_000}
 CACHE_FILE = "mnist-v1.npz"
+VALUE_RANGE = (0.0, 1.0)
+"""Every pixel lies in this closed interval; anything else (or NaN/Inf) is refused."""
 
 SHA256 = {
     "train": "3313f79937d3dd727026db9400b651227904aba82b02b795d9baf9bd1699bb19",
@@ -89,6 +91,7 @@ def mnist_splits(root: Path, wanted: list[str]) -> dict[str, np.ndarray]:
         SHA256,
         shapes(),
         what="MNIST",
+        value_range=VALUE_RANGE,
         build_hint="The pickle passed its checksum, so the conversion code changed: re-pin "
         "mnist.SHA256 and bump CACHE_FILE.",
     )
