@@ -18,11 +18,14 @@ shampoo       ``pytorch_optimizer.Shampoo`` (preconditioning_compute_steps = T)
 soap          ``pytorch_optimizer.SOAP`` (precondition_frequency = T)
 ============  ===========================================================================
 
-Timing: every method is built from the same pretrained network; the methods take turns
-(round robin, one whole update cycle of T steps each, ``--cycles`` rounds) so that load
-from elsewhere hits them alike; the median of the per-cycle mean step times is reported.
-Peak memory: each method runs ``--mem-steps`` steps in a fresh subprocess; the peak resident
-set size (``ru_maxrss``) and its increase over the process after loading data and model.
+Timing: every method is built from the same pretrained network and its parameters are
+put back after every step (untimed; optimizer and curvature state are kept), so that all
+are timed at the same point and none diverges; the methods take turns (round robin, one
+whole update cycle of T steps each, ``--cycles`` rounds) so that load from elsewhere hits
+them alike; the median of the per-cycle mean step times is reported.
+Peak memory: each method runs ``--mem-steps`` steps in a fresh subprocess on random data of
+the same shape; the peak resident set size (VmHWM) and its increase over the
+process before the method was built (torch, the data and one model already loaded).
 
     python benchmarks/peers.py --threads 2 --freqs 1,10 --out /tmp/peers.md
 
@@ -36,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -92,6 +94,7 @@ class Stepper:
         self.model = build_model("mnist", "paper")
         self.model.load_state_dict(start)
         params = list(self.model.parameters())
+        self.start = [p.detach().clone() for p in params]
         h = hyper("mnist", "kfac", "paper")
         self.pc = self.gm = None
         if method in ("sgd", "kfac", "kpsvd", "asdl_kfac"):
@@ -132,6 +135,12 @@ class Stepper:
             bce_sum_mean(self.model(x), x).backward()
         self.opt.step()
 
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Parameters back to the common starting point (optimizer/curvature state kept)."""
+        for p, p0 in zip(self.model.parameters(), self.start):
+            p.copy_(p0)
+
 
 def pretrain(X: Tensor, steps: int) -> dict[str, Tensor]:
     model = build_model("mnist", "paper")
@@ -154,23 +163,37 @@ def time_round_robin(methods: list[str], X: Tensor, start: dict, T: int, cycles:
     for r in range(cycles + 1):  # round 0 is warm-up
         batches = [X[torch.randint(0, X.shape[0], (BATCH,), generator=gen)] for _ in range(T)]
         for m, st in steppers.items():
-            t0 = time.perf_counter()
+            total = 0.0
             for x in batches:
+                t0 = time.perf_counter()
                 st.step(x)
+                total += time.perf_counter() - t0
+                st.restore()  # untimed: every step starts from the same network
             if r:
-                per[m].append((time.perf_counter() - t0) / T)
+                per[m].append(total / T)
     return {m: statistics.median(v) for m, v in per.items()}
+
+
+def vm_hwm_mib() -> float:
+    """This process's peak resident set size (VmHWM, MiB). Unlike ``ru_maxrss`` it starts
+    afresh at exec, so a subprocess does not inherit its parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024
+    return float("nan")
 
 
 def peak_memory(method: str, X: Tensor, start: dict, T: int, steps: int,
                 scheme: str, damping: float) -> dict[str, float]:
     """This process's peak RSS (MiB) after ``steps`` steps of ``method``, and the increase."""
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = vm_hwm_mib()
     st = Stepper(method, start, T, scheme, damping)
     gen = torch.Generator().manual_seed(3)
     for _ in range(steps):
         st.step(X[torch.randint(0, X.shape[0], (BATCH,), generator=gen)])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        st.restore()
+    peak = vm_hwm_mib()
     return {"peak_mib": peak, "increase_mib": peak - base}
 
 
@@ -191,13 +214,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     warnings.simplefilter("ignore")
-    X, source = load_inputs()
-    start = pretrain(X, args.pretrain)
     freqs = [int(f) for f in args.freqs.split(",") if f]
     if args.memory_of:
+        # memory does not depend on the values: a small random set keeps the data loading
+        # out of the high-water mark
+        X = torch.rand(8 * BATCH, 784, generator=torch.Generator().manual_seed(0))
+        start = build_model("mnist", "paper").state_dict()
         print(json.dumps(peak_memory(args.memory_of, X, start, max(freqs), args.mem_steps,
                                      args.damping_scheme, args.damping)))
         return 0
+    X, source = load_inputs()
+    start = pretrain(X, args.pretrain)
     methods = [m for m in args.methods.split(",") if m]
     times = {T: time_round_robin(methods, X, start, T, args.cycles, args.damping_scheme,
                                  args.damping) for T in freqs}
