@@ -301,6 +301,28 @@ def report(runs: dict[str, Run], freqs: list[int], direct: list[int], meta: dict
             rk = f"{t / kfac.amortised(T):.2f}" if kfac else "–"
             row += f" {fmt_ms(t)} | {rs} | {rk} |"
         lines.append(row)
+    # forward+backward and the SGD step are the same code for every method: their
+    # differences between methods are load noise, so also report totals with the median
+    common_fb = statistics.median(r.median("fb") for r in runs.values())
+    common_opt = statistics.median(r.median("opt") for n, r in runs.items() if n != "adam")
+
+    def common(run: Run, T: int) -> float:
+        return run.amortised(T) - run.median("fb") - run.median("opt") + common_fb + (
+            common_opt if run.method != "adam" else run.median("opt"))
+
+    lines.append("\n### Same, with the common forward+backward and SGD step\n")
+    lines.append(f"forward+backward {fmt_ms(common_fb)} ms and SGD step {fmt_ms(common_opt)} ms"
+                 " (medians over the methods) in every row; the rest is each method's own.\n")
+    lines.append(head)
+    lines.append("|---|" + "---:|---:|---:|" * len(freqs))
+    for name, run in runs.items():
+        row = f"| {name} |"
+        for T in freqs:
+            t = common(run, T)
+            rs = f"{t / common(sgd, T):.2f}" if sgd else "–"
+            rk = f"{t / common(kfac, T):.2f}" if kfac else "–"
+            row += f" {fmt_ms(t)} | {rs} | {rk} |"
+        lines.append(row)
     for T in [t for t in freqs if t == 10] or freqs[:1]:
         lines.append(f"\n### Per-phase breakdown at T = {T} (ms per step, amortised)\n")
         lines.append("| method | " + " | ".join(PHASE_NAMES[p] for p in PHASES)
