@@ -57,6 +57,7 @@ DAMPING = 1e-2
 """Default damping λ of the KFAC-type methods. At 1e-3 ASDL's float32 Cholesky of the
 damped G factor fails (not positive definite) on this network after 30 Adam steps."""
 PEERS = ("sgd", "kfac", "kpsvd", "asdl_kfac", "shampoo", "soap")
+FAILURES: dict[tuple[str, int], str] = {}  # (method, T) -> the error that stopped it
 
 
 def load_inputs() -> tuple[Tensor, str]:
@@ -162,16 +163,21 @@ def time_round_robin(methods: list[str], X: Tensor, start: dict, T: int, cycles:
     per: dict[str, list[float]] = {m: [] for m in methods}
     for r in range(cycles + 1):  # round 0 is warm-up
         batches = [X[torch.randint(0, X.shape[0], (BATCH,), generator=gen)] for _ in range(T)]
-        for m, st in steppers.items():
+        for m, st in list(steppers.items()):
             total = 0.0
-            for x in batches:
-                t0 = time.perf_counter()
-                st.step(x)
-                total += time.perf_counter() - t0
-                st.restore()  # untimed: every step starts from the same network
+            try:
+                for x in batches:
+                    t0 = time.perf_counter()
+                    st.step(x)
+                    total += time.perf_counter() - t0
+                    st.restore()  # untimed: every step starts from the same network
+            except torch.linalg.LinAlgError as exc:  # a peer's own numerical failure
+                FAILURES[(m, T)] = str(exc).splitlines()[0][:90]
+                del steppers[m]
+                continue
             if r:
                 per[m].append(total / T)
-    return {m: statistics.median(v) for m, v in per.items()}
+    return {m: statistics.median(v) if v else float("nan") for m, v in per.items()}
 
 
 def vm_hwm_mib() -> float:
@@ -191,7 +197,10 @@ def peak_memory(method: str, X: Tensor, start: dict, T: int, steps: int,
     st = Stepper(method, start, T, scheme, damping)
     gen = torch.Generator().manual_seed(3)
     for _ in range(steps):
-        st.step(X[torch.randint(0, X.shape[0], (BATCH,), generator=gen)])
+        try:
+            st.step(X[torch.randint(0, X.shape[0], (BATCH,), generator=gen)])
+        except torch.linalg.LinAlgError:
+            break  # the failure is reported by the timing run; memory so far still counts
         st.restore()
     peak = vm_hwm_mib()
     return {"peak_mib": peak, "increase_mib": peak - base}
@@ -248,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             row += f" {1e3 * t:.1f} | {rs} | {rk} |"
         row += f" {mem[m]['peak_mib']:.0f} | {mem[m]['increase_mib']:.0f} |"
         lines.append(row)
+    for (m, T), msg in FAILURES.items():
+        lines.append(f"\n{m} at T={T} stopped: `{msg}`")
     lines.append("")
     lines.append(f"Setup: inputs {source}; batch {BATCH}; damping {args.damping}; our scheme"
                  f" {args.damping_scheme}; threads {torch.get_num_threads()}; cycles"
