@@ -12,7 +12,8 @@ method        what
 sgd           SGD with momentum 0.9 (the paper preset's lr), no preconditioner
 kfac          ``kronfisher.KFAC``, damping scheme ``--damping-scheme`` (default
               "factored": (A + π√λI) ⊗ (G + √λ/πI), the damping ASDL's KFAC uses)
-kpsvd         ``kronfisher.KPSVD``, same settings
+kpsvd         ``kronfisher.KPSVD``, same settings (any of ``kronfisher.METHODS`` can be
+              given to ``--methods``)
 asdl_kfac     ASDL's ``KfacGradientMaker`` (``asdfghjkl==0.1a5``), fisher_emp, same λ
 shampoo       ``pytorch_optimizer.Shampoo`` (preconditioning_compute_steps = T)
 soap          ``pytorch_optimizer.SOAP`` (precondition_frequency = T)
@@ -98,9 +99,9 @@ class Stepper:
         self.start = [p.detach().clone() for p in params]
         h = hyper("mnist", "kfac", "paper")
         self.pc = self.gm = None
-        if method in ("sgd", "kfac", "kpsvd", "asdl_kfac"):
+        if method in ("sgd", "asdl_kfac", *kf.METHODS):
             self.opt = torch.optim.SGD(params, lr=h.lr, momentum=0.9)
-        if method in ("kfac", "kpsvd"):
+        if method in kf.METHODS:
             self.pc = kf.KroneckerPreconditioner(
                 self.model, method=method, damping=damping, ema_decay=0.95,
                 cov_update_freq=T, inv_update_freq=T, damping_scheme=scheme)
