@@ -124,6 +124,7 @@ class Stepper:
             self.opt = po.SOAP(params, lr=3e-3, precondition_frequency=T)
 
     def step(self, x: Tensor) -> None:
+        """One training step on the batch ``x``."""
         self.opt.zero_grad()
         if self.gm is not None:
             dummy = self.gm.setup_model_call(self.model, x)
@@ -145,6 +146,7 @@ class Stepper:
 
 
 def pretrain(X: Tensor, steps: int) -> dict[str, Tensor]:
+    """The paper-preset network after ``steps`` Adam steps on batches of 512."""
     model = build_model("mnist", "paper")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(1)
@@ -182,8 +184,11 @@ def time_round_robin(methods: list[str], X: Tensor, start: dict, T: int, cycles:
 
 
 def vm_hwm_mib() -> float:
-    """This process's peak resident set size (VmHWM, MiB). Unlike ``ru_maxrss`` it starts
-    afresh at exec, so a subprocess does not inherit its parent's peak."""
+    """This process's peak resident set size (VmHWM, MiB).
+
+    Unlike ``ru_maxrss`` it starts afresh at exec, so a subprocess does not inherit its
+    parent's peak.
+    """
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -208,6 +213,7 @@ def peak_memory(method: str, X: Tensor, start: dict, T: int, steps: int,
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--freqs", default="1,10")

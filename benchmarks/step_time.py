@@ -79,8 +79,11 @@ BASELINE_LIB: dict[str, object] = {}  # "lib": the --baseline-src package, if lo
 
 
 def load_baseline(src: str) -> object:
-    """Import the ``kronfisher`` package under ``src`` (e.g. an exported older commit) as
-    ``kronfisher_baseline``, beside the installed one (its imports are all relative)."""
+    """Import the ``kronfisher`` package under ``src`` as ``kronfisher_baseline``.
+
+    ``src`` is e.g. an exported older commit; it is loaded beside the installed package
+    (its imports are all relative).
+    """
     import importlib.util
 
     init = os.path.join(src, "kronfisher", "__init__.py")
@@ -114,16 +117,19 @@ def load_inputs() -> tuple[Tensor, str]:
 # ------------------------------------------------------------------------ runner
 @dataclass
 class Run:
+    """Phase timings of one method."""
     method: str
     phases: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
     direct: dict[int, float] = field(default_factory=dict)  # T -> mean seconds per step
     skipped: int = 0
 
     def median(self, phase: str) -> float:
+        """Median seconds of one phase."""
         v = self.phases[phase]
         return statistics.median(v) if v else 0.0
 
     def amortised(self, freq: int) -> float:
+        """Amortised seconds per step at update frequency ``freq``."""
         m = self.median
         return (
             m("fb") + m("opt") + m("precondition")
@@ -132,6 +138,7 @@ class Run:
         )
 
     def phase_at(self, phase: str, freq: int) -> float:
+        """Seconds per step that ``phase`` contributes at frequency ``freq``."""
         per = self.median(phase)
         return per / freq if phase in ("curv_batch", "curv_update", "factorisation") else per
 
@@ -170,6 +177,7 @@ class Trainer:
         self.skipped = 0
 
     def batch(self) -> tuple[Tensor, Tensor]:
+        """A training batch and its curvature quarter."""
         idx = torch.randint(0, self.X.shape[0], (BATCH,), generator=self.gen)
         x = self.X[idx]
         perm = torch.randperm(BATCH, generator=self.gen)[: self.n_curv]
@@ -182,8 +190,10 @@ class Trainer:
             p.copy_(p0)
 
     def step(self, rec: dict[str, float] | None = None) -> float:
-        """One training step; ``rec`` (if given) receives each phase's seconds. Returns the
-        step's wall-clock seconds."""
+        """One training step; returns its wall-clock seconds.
+
+        ``rec`` (if given) receives each phase's seconds.
+        """
         x, x_curv = self.batch()
         pc, clock = self.pc, time.perf_counter
         t0 = clock()
@@ -229,8 +239,11 @@ def pretrain(X: Tensor, steps: int, seed: int) -> dict[str, Tensor]:
 
 def measure_phases(methods: list[str], X: Tensor, steps: int, warmup: int,
                    start: dict[str, Tensor], scheme: str = "tikhonov") -> dict[str, Run]:
-    """Per-phase times with T_cov = T_inv = 1. The methods take turns step by step, so a
-    burst of load from elsewhere hits them alike instead of one method's whole run."""
+    """Per-phase times with T_cov = T_inv = 1.
+
+    The methods take turns step by step, so a burst of load from elsewhere hits them alike
+    instead of one method's whole run.
+    """
     trainers = {m: Trainer(m, X, freq=1, start=start, scheme=scheme) for m in methods}
     runs = {m: Run(m) for m in methods}
     for _ in range(warmup):
@@ -251,8 +264,10 @@ def measure_phases(methods: list[str], X: Tensor, steps: int, warmup: int,
 
 def measure_direct(run: Run, X: Tensor, T: int, warmup: int, start: dict[str, Tensor],
                    cycles: int, scheme: str = "tikhonov") -> None:
-    """Mean wall-clock time of cycles·T consecutive steps with T_cov = T_inv = T, starting
-    at an update step (the periodic phases occur exactly ``cycles`` times)."""
+    """Mean wall-clock time of cycles·T consecutive steps with T_cov = T_inv = T.
+
+    Starts at an update step, so the periodic phases occur exactly ``cycles`` times.
+    """
     if run.method in BASELINES:
         run.direct[T] = run.amortised(T)  # no periodic phase
         return
@@ -272,6 +287,7 @@ def measure_direct(run: Run, X: Tensor, T: int, warmup: int, start: dict[str, Te
 
 # ------------------------------------------------------------------------ report
 def loadavg() -> str:
+    """The 1/5/15-minute load averages (or 'n/a')."""
     try:
         with open("/proc/loadavg") as f:
             return " ".join(f.read().split()[:3])
@@ -280,10 +296,12 @@ def loadavg() -> str:
 
 
 def fmt_ms(s: float) -> str:
+    """Seconds as milliseconds with one decimal."""
     return f"{1e3 * s:.1f}"
 
 
 def report(runs: dict[str, Run], freqs: list[int], direct: list[int], meta: dict) -> str:
+    """The markdown report of the measured runs."""
     sgd = runs.get("sgd")
     kfac = runs.get("kfac")
     lines = []
@@ -360,6 +378,7 @@ def report(runs: dict[str, Run], freqs: list[int], direct: list[int], meta: dict
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12, help="timed steps per method (T = 1)")
     ap.add_argument("--warmup", type=int, default=3)

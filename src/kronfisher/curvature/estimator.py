@@ -37,6 +37,7 @@ class KroneckerEstimator:
         self._masks: dict[tuple, Tensor | None] = {}
 
     def pair_mask(self, spatial: tuple[int, int], like: Tensor) -> Tensor | None:
+        """The (T × T) location-pair mask for this layer's output grid, or None."""
         h, w = spatial
         if h * w == 1 or self.method == "kfac":
             return None

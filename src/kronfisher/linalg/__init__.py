@@ -1,5 +1,4 @@
-"""Pure linear algebra: Kronecker sums, their factorisations, the rearranged Fisher and
-nearest-Kronecker solvers.
+"""Pure linear algebra: Kronecker sums, factorisations, R(F) and nearest-Kronecker solvers.
 
 One idea per module: ``kronecker`` (the sum and its dense form), ``damping`` (the schemes),
 ``factorization`` (the factorised damped matrices and their solves), ``factorize`` (how

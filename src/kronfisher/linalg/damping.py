@@ -50,7 +50,8 @@ def first_term_shifts(
     is (√λ, √λ) for one term and (λ, λ) for two terms (the authors' two-term scheme).
 
     Args:
-        A, G: the first term's factors (only their traces are read).
+        A: the first term's A factor (only its trace is read).
+        G: the first term's G factor (only its trace is read).
         damping: λ ≥ 0; 0 gives None (no shift).
         scheme: one of :data:`SCHEMES`.
         n_terms: number of terms of the sum.

@@ -129,10 +129,12 @@ class FactorInverses(KroneckerFactorization):
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(d_g, d_a): the shape of the matrices V it acts on."""
         return self.G.shape[0], self.A.shape[0]
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype it computes in."""
         return self.A_inv.dtype
 
     def _solve(self, V: Tensor) -> Tensor:
@@ -146,10 +148,12 @@ class FactorInverses(KroneckerFactorization):
                 G + self.c_g * eye(G.shape[0], dtype=G.dtype, device=G.device))
 
     def apply(self, V: Tensor) -> Tensor:
+        """M vec(V) in matrix form, V of shape (..., d_g, d_a)."""
         Ad, Gd = self._damped()
         return Gd @ V.to(self.dtype) @ Ad
 
     def to_dense(self) -> Tensor:
+        """The (d_a·d_g)² matrix M that ``solve`` inverts."""
         Ad, Gd = self._damped()
         return torch.kron(Ad, Gd)
 
@@ -180,10 +184,12 @@ class EigenFactorization(KroneckerFactorization):
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(d_g, d_a): the shape of the matrices V it acts on."""
         return tuple(self.D.shape)
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype it computes in."""
         return self.D.dtype
 
     def _solve(self, V: Tensor) -> Tensor:
@@ -206,10 +212,12 @@ class EigenFactorization(KroneckerFactorization):
                 self._inverse(self.K_g, self.K_g_inv, self.metric_g))
 
     def apply(self, V: Tensor) -> Tensor:
+        """M vec(V) in matrix form, V of shape (..., d_g, d_a)."""
         Ka_inv, Kg_inv = self._inverses()
         return Kg_inv.mT @ ((Kg_inv @ V.to(self.dtype) @ Ka_inv.mT) * self.D) @ Ka_inv
 
     def to_dense(self) -> Tensor:
+        """The (d_a·d_g)² matrix M that ``solve`` inverts."""
         Ka_inv, Kg_inv = self._inverses()
         left = torch.kron(Ka_inv, Kg_inv)
         d = self.D.mT.reshape(-1)  # vec(D): column stacking
@@ -218,8 +226,9 @@ class EigenFactorization(KroneckerFactorization):
 
 @dataclass
 class ConjugateGradientSolve(KroneckerFactorization):
-    """M = Σ_k A_k ⊗ G_k + λ I (three or more terms), solved by conjugate gradients
-    preconditioned with ``preconditioner`` (the first term with exact Tikhonov damping).
+    """M = Σ_k A_k ⊗ G_k + λ I (three or more terms), solved by conjugate gradients.
+
+    Preconditioned with ``preconditioner`` (the first term with exact Tikhonov damping).
 
     Stops at relative residual :data:`CG_RTOL` or after :data:`CG_MAX_ITER` iterations
     (then warns once per process and returns the last iterate).
@@ -230,13 +239,16 @@ class ConjugateGradientSolve(KroneckerFactorization):
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(d_g, d_a): the shape of the matrices V it acts on."""
         return self.terms[0][1].shape[0], self.terms[0][0].shape[0]
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype it computes in."""
         return self.terms[0][0].dtype
 
     def apply(self, V: Tensor) -> Tensor:
+        """M vec(V) in matrix form, V of shape (..., d_g, d_a)."""
         V = V.to(self.dtype)
         out = self.damping * V
         for A, G in self.terms:
@@ -244,6 +256,7 @@ class ConjugateGradientSolve(KroneckerFactorization):
         return out
 
     def to_dense(self) -> Tensor:
+        """The (d_a·d_g)² matrix M that ``solve`` inverts."""
         out = sum(torch.kron(A, G) for A, G in self.terms)
         return out + self.damping * torch.eye(out.shape[0], dtype=out.dtype, device=out.device)
 

@@ -31,6 +31,11 @@ Triplets = tuple[list[float], list[Tensor], list[Tensor]]
 def power(
     space: Space, rank: int, starts: list[Tensor], tol: float, max_iter: int
 ) -> tuple[list[float], list[Tensor], list[Tensor], int, bool]:
+    """Alternating power iteration with deflation.
+
+    Returns:
+        (σ's, u's, v's, iterations, converged).
+    """
     us: list[Tensor] = []
     vs: list[Tensor] = []
     sigmas: list[float] = []
@@ -90,6 +95,7 @@ class Bidiagonal:
         self.k = 0
 
     def append(self, alpha: float) -> None:
+        """Add α as the next diagonal entry."""
         self.B[self.k, self.k] = alpha
         self.k += 1
 
@@ -99,9 +105,11 @@ class Bidiagonal:
 
     @property
     def alphas(self) -> np.ndarray:
+        """The diagonal entries so far."""
         return self.B.diagonal()[: self.k]
 
     def svd(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """SVD (numpy) of the current square bidiagonal matrix."""
         return np.linalg.svd(self.B[: self.k, : self.k])
 
     def converged(self, beta: float, rank: int, tol: float) -> bool:
@@ -192,7 +200,7 @@ def lanczos(
 
 
 def reorth(XL: Tensor, X: Tensor, w: Tensor, wr: Tensor) -> None:
-    """w ← w − Σᵢ ⟨xᵢ, w⟩ xᵢ in place, twice (classical Gram–Schmidt).
+    """W ← w − Σᵢ ⟨xᵢ, w⟩ xᵢ in place, twice (classical Gram–Schmidt).
 
     X has orthonormal rows, XL = left(X) and wr = right(w) (a view of w), so that
     ⟨xᵢ, w⟩ = (XL wr)ᵢ (see :class:`Space`).

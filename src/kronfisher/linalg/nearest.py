@@ -139,9 +139,12 @@ def gram_exact(space: GramSpace, rank: int) -> Triplets:
 
 
 def default_tol(stats: LayerStats) -> float:
-    """1e-10 for float64 statistics, 1e-6 for float32 ones (whose Gram matrices and products
-    carry ~1e-7 relative rounding). The Frobenius error of the result is quadratic in the
-    residual, so 1e-6 leaves it at its optimum to far better than 1e-6 relative."""
+    """1e-10 for float64 statistics, 1e-6 for float32 ones.
+
+    Float32 Gram matrices and products carry ~1e-7 relative rounding. The Frobenius error
+    of the result is quadratic in the residual, so 1e-6 leaves it at its optimum to far
+    better than 1e-6 relative.
+    """
     return 1e-10 if stats.dtype == torch.float64 else 1e-6
 
 

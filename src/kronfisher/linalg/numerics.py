@@ -39,13 +39,14 @@ def sym(x: Tensor) -> Tensor:
 
 
 def symmetrize_(w: Tensor, block: int = SYMMETRIZE_BLOCK) -> Tensor:
-    """w ← w + wᵀ in place (exactly symmetric), by blocks: no second d × d buffer.
+    """W ← w + wᵀ in place (exactly symmetric), by blocks: no second d × d buffer.
 
     Fresh d × d buffers cost page faults on their first touch, about as much as the
     addition itself, so for large d the in-place form is markedly faster.
 
     Args:
         w: a square (d, d) matrix, overwritten.
+        block: the block size (see :data:`SYMMETRIZE_BLOCK`).
 
     Returns:
         ``w`` itself.

@@ -59,39 +59,47 @@ class Space:
     size_v: int
 
     def R_into(self, v: Tensor, out: Tensor) -> None:
-        """out ← R v."""
+        """Write R v into ``out``."""
         raise NotImplementedError
 
     def Rt_into(self, u: Tensor, out: Tensor) -> None:
-        """out ← Rᵀ u."""
+        """Write Rᵀ u into ``out``."""
         raise NotImplementedError
 
     def R(self, v: Tensor) -> Tensor:
+        """R v as a new vector."""
         out = v.new_empty(self.size_u)
         self.R_into(v, out)
         return out
 
     def Rt(self, u: Tensor) -> Tensor:
+        """Rᵀ u as a new vector."""
         out = u.new_empty(self.size_v)
         self.Rt_into(u, out)
         return out
 
     def left(self, x: Tensor) -> Tensor:
+        """The part of a stored vector that pairs with ``right`` in inner products."""
         return x
 
     def right(self, x: Tensor) -> Tensor:
+        """The part of a stored vector that pairs with ``left`` in inner products."""
         return x
 
     def ip(self, x: Tensor, y: Tensor) -> float:
+        """The inner product ⟨x, y⟩ of two stored vectors."""
         return float(torch.dot(self.left(x), self.right(y)))
 
     def norm(self, x: Tensor) -> float:
+        """The norm of a stored vector."""
         return math.sqrt(max(self.ip(x, x), 0.0))
 
     def default_start(self, index: int) -> Tensor:
+        """A start vector for the ``index``-th singular pair."""
         raise NotImplementedError
 
     def v_from_matrix(self, G: Tensor) -> Tensor:
+        """The v vector of a d_g × d_g factor G (for warm starts)."""
         raise NotImplementedError
 
     def factors(
@@ -115,6 +123,7 @@ class DirectSpace(Space):
         self.size_u, self.size_v = self.da**2, self.dg**2
 
     def R_into(self, v: Tensor, out: Tensor) -> None:
+        """Write R v into ``out``."""
         V = v.view(self.dg, self.dg)
         U = out.view(self.da, self.da)
         U.copy_(self.stats.r_matvec(V))
@@ -123,6 +132,7 @@ class DirectSpace(Space):
             U.sub_(A * (G * V).sum())
 
     def Rt_into(self, u: Tensor, out: Tensor) -> None:
+        """Write Rᵀ u into ``out``."""
         U = u.view(self.da, self.da)
         V = out.view(self.dg, self.dg)
         V.copy_(self.stats.rt_matvec(U))
@@ -131,11 +141,13 @@ class DirectSpace(Space):
             V.sub_(G * (A * U).sum())
 
     def ip(self, x: Tensor, y: Tensor) -> float:
+        """The inner product ⟨x, y⟩ of two stored vectors."""
         # pairwise summation: a BLAS float32 dot of d² terms is too inexact for the power
         # method's test ‖Rᵀu − σv‖ ≤ tol·σ
         return float((x * y).sum())
 
     def v_from_matrix(self, G: Tensor) -> Tensor:
+        """The v vector of a d_g × d_g factor G (for warm starts)."""
         return G.to(self.stats.dtype).reshape(-1).clone()
 
     def default_start(self, index: int) -> Tensor:
@@ -150,6 +162,7 @@ class DirectSpace(Space):
     def factors(
         self, sigmas: list[float], us: list[Tensor], vs: list[Tensor], psd_first: bool
     ) -> Terms:
+        """Normalised factors: ‖A_k‖_F = ‖G_k‖_F = √σ_k, tr(A_k) ≥ 0, exactly symmetric."""
         terms = []
         for k, (sigma, u, v) in enumerate(zip(sigmas, us, vs)):
             U, V = sym(u.view(self.da, self.da)), sym(v.view(self.dg, self.dg))
@@ -205,15 +218,19 @@ class GramSpace(Space):
             out[n:] = torch.mv(K, x.to(K.dtype))
 
     def R_into(self, v: Tensor, out: Tensor) -> None:
+        """Write R v into ``out``."""
         self._apply(v, self.Ka, out)
 
     def Rt_into(self, u: Tensor, out: Tensor) -> None:
+        """Write Rᵀ u into ``out``."""
         self._apply(u, self.Kg, out)
 
     def left(self, x: Tensor) -> Tensor:
+        """The part of a stored vector that pairs with ``right`` in inner products."""
         return x[..., : self.n]
 
     def right(self, x: Tensor) -> Tensor:
+        """The part of a stored vector that pairs with ``left`` in inner products."""
         return x[..., self.n :]
 
     def _lift(self, K: Tensor, z: Tensor) -> Tensor:
@@ -248,6 +265,7 @@ class GramSpace(Space):
         return self._lift(self.Kg, other.left(v))
 
     def v_from_matrix(self, G: Tensor) -> Tensor:
+        """The v vector of a d_g × d_g factor G (for warm starts)."""
         # v = Rᵀ R vec(G) lies in range(Q): one power step from the given factor.
         tg = self.stats.tokens_g
         z = ((tg @ G.to(tg.dtype)) * tg).sum(-1).double()
@@ -255,6 +273,7 @@ class GramSpace(Space):
         return self.Rt(self._lift(self.Ka, x * self.s))
 
     def default_start(self, index: int) -> Tensor:
+        """A start vector for the ``index``-th singular pair."""
         if index == 0 and not self.center:
             y = torch.ones(self.n, dtype=torch.float64, device=self.Kg.device)
         else:
@@ -266,6 +285,7 @@ class GramSpace(Space):
     def factors(
         self, sigmas: list[float], us: list[Tensor], vs: list[Tensor], psd_first: bool
     ) -> Terms:
+        """Normalised factors: ‖A_k‖_F = ‖G_k‖_F = √σ_k, tr(A_k) ≥ 0, exactly symmetric."""
         # Coefficients are not unique when P or Q has a null space; the canonical ones
         # x ∝ C Qᵀv (= R v up to scale) and y ∝ C Pᵀu are, and they are ≥ 0 for the top
         # uncentred pair (Qᵀv = [gₙᵀ V gₙ]ₙ with V PSD), so clamping is only rounding.
@@ -318,6 +338,7 @@ def combine(tokens: Tensor, coefs: Tensor, scratch: Tensor | None = None) -> lis
 
 
 def psd_project(X: Tensor) -> Tensor:
+    """X (sign fixed so that tr X ≥ 0) projected onto the PSD cone."""
     X = X if torch.diagonal(X).sum() >= 0 else -X
     e, U = torch.linalg.eigh(X)
     if bool((e >= 0).all()):

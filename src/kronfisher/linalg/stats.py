@@ -57,14 +57,17 @@ class LayerStats:
 
     @property
     def tokens_g(self) -> Tensor:
+        """(N, d_g) with N = m·T."""
         return self.g.reshape(-1, self.d_g)
 
     @property
     def n_tokens(self) -> int:
+        """N = m·T."""
         return self.m * self.T
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype it computes in."""
         return self.a.dtype
 
     def grams(self, exact: bool = False) -> tuple[Tensor, Tensor]:
@@ -132,12 +135,12 @@ class LayerStats:
 
 
 def scaled_gram(x: Tensor, scale: float) -> Tensor:
-    """scale · xᵀx, exactly symmetric: the scaling rides on the matrix product."""
+    """Scale · xᵀx, exactly symmetric: the scaling rides on the matrix product."""
     return symmetrize_(torch.addmm(x.new_zeros(()), x.mT, x, beta=0, alpha=0.5 * scale))
 
 
 def outer_gram(x: Tensor) -> Tensor:
-    """x xᵀ (n × n). For wide x the off-diagonal block is computed once (3/4 of the work)."""
+    """X xᵀ (n × n). For wide x the off-diagonal block is computed once (3/4 of the work)."""
     n, d = x.shape
     if n < OUTER_GRAM_SPLIT_MIN or 2 * d < n:  # small or narrow: one product is as fast
         return x @ x.mT

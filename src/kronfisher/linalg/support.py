@@ -20,8 +20,10 @@ __all__ = ["support", "restrict", "Side", "embed", "eigh_on_support", "BlockSolv
 
 
 def support(*xs: Tensor) -> Tensor | None:
-    """Indices (ascending) of the coordinates j where some x in ``xs`` has a nonzero row j
-    or column j, or None if that is every coordinate.
+    """Indices (ascending) of the coordinates where some x in ``xs`` is nonzero.
+
+    Coordinate j is kept if some x has a nonzero row j or column j; None means every
+    coordinate is kept.
 
     Args:
         xs: square matrices of one size n.
@@ -78,8 +80,9 @@ class Side:
 def embed(
     Ks: Tensor, vals: Tensor, idx: Tensor, n: int, zero_val: float, c: float
 ) -> tuple[Tensor, Tensor, Side]:
-    """Embed the values/columns ``Ks`` (k × k, acting on the coordinates ``idx``) into
-    dimension n: the n − k other coordinates get the value ``zero_val`` and columns c·e_j.
+    """Embed the values/columns ``Ks`` (k × k, on the coordinates ``idx``) into dimension n.
+
+    The n − k other coordinates get the value ``zero_val`` and columns c·e_j.
 
     Values stay in ascending order (the zero block is inserted where ``zero_val`` belongs).
 
@@ -157,8 +160,10 @@ class BlockSolve:
         return BlockSolve(g or Side.dense(K_g), a or Side.dense(K_a), D)
 
     def _right(self, Y: Tensor, scale: Tensor, zero_scale: Tensor) -> Tensor:
-        """((Y_s K_as) ⊙ scale) K_asᵀ on the support columns, Y_z ⊙ zero_scale on the zero
-        columns (Y's columns in (support, zero) order)."""
+        """((Y_s K_as) ⊙ scale) K_asᵀ on the support columns, Y_z ⊙ zero_scale elsewhere.
+
+        Y's columns are in (support, zero) order.
+        """
         Ka, ka = self.a.Ks, self.ka
         Z = (Y[..., :ka] @ Ka).mul_(scale) @ Ka.mT
         if self.cols is None:

@@ -151,8 +151,11 @@ class KPSVD(KroneckerPreconditioner):
 
 
 class Deflation(KroneckerPreconditioner):
-    """Best rank-2 Kronecker approximation; ``solver="power"`` runs the paper's algorithm
-    (power iteration, then deflation). The default solver gives the same matrix."""
+    """Best rank-2 Kronecker approximation.
+
+    ``solver="power"`` runs the paper's algorithm (power iteration, then deflation); the
+    default solver gives the same matrix.
+    """
 
     method = "deflation"
 
