@@ -151,13 +151,28 @@ def _config(args, optimizer: str):
 
 
 def _cmd_train(args) -> int:
-    from .bench.io import write_csv, write_json
+    from .bench.io import (
+        OutputError,
+        check_writable_dir,
+        csv_text,
+        move_aside,
+        save_json,
+        save_text,
+    )
     from .bench.runner import train
 
     if args.epochs is None and args.time_budget is None:
         args.epochs = 1.0
     cfg = _config(args, args.optimizer)
+    if args.out:
+        try:  # before the training, not after it
+            check_writable_dir(args.out)
+        except OutputError as e:
+            print(f"kronfisher train: {e}", file=sys.stderr)
+            return 2
     tr, te = _load(args.problem)
+    args.on_interrupt = ("training stopped; train writes its result only at the end, so"
+                         " nothing was kept: rerun the command to train again")
 
     def log(row):
         print(f"epoch {row['epoch']:7.2f}  train {row['train_loss']:.4f}"
@@ -167,14 +182,26 @@ def _cmd_train(args) -> int:
     res = train(cfg, tr, te, progress=not args.no_progress, log=log)
     print(f"{args.optimizer} on {args.problem}: {res['status']}")
     if args.out:
-        write_json(args.out / "run.json", res)
-        write_csv(args.out / "run.csv", res["history"])
+        from . import __version__
+
+        res["kronfisher_version"] = __version__
+        for name in ("run.json", "run.csv"):  # an earlier run's files are kept, renamed
+            if (args.out / name).exists():
+                print(f"kept the earlier {name} as {move_aside(args.out / name, 'old').name}")
+        wrote = [save_json(args.out / "run.json", res),
+                 save_text(args.out / "run.csv", csv_text(res["history"]))]
+        if wrote != [args.out / "run.json", args.out / "run.csv"]:
+            print(f"kronfisher train: could not write the run to {args.out}; kept as said"
+                  " above", file=sys.stderr)
+            return 1
         print(f"wrote {args.out / 'run.json'} and run.csv")
     return 0 if res["status"] == "complete" else 1
 
 
 def _cmd_compare(args) -> int:
-    from .bench.compare import compare
+    from .bench.compare import compare, summarise
+    from .bench.io import OutputError, check_writable_dir
+    from .bench.lock import FolderLockedError
     from .bench.problems import OPTIMIZERS
 
     names = [s.strip() for s in args.optimizers.split(",") if s.strip()]
@@ -186,12 +213,37 @@ def _cmd_compare(args) -> int:
     if args.epochs is None and args.time_budget is None:
         print("kronfisher compare: give --epochs or --time-budget", file=sys.stderr)
         return 2
-    tr, te = _load(args.problem)
     configs = [_config(args, n) for n in names]
-    compare(configs, args.out, tr, te, progress=not args.no_progress)
-    print((args.out / "summary.md").read_text())
+    try:
+        check_writable_dir(args.out)
+    except OutputError as e:
+        print(f"kronfisher compare: {e}", file=sys.stderr)
+        return 2
+    tr, te = _load(args.problem)
+    args.on_interrupt = _compare_interrupted(args.out)
+    try:
+        results = compare(configs, args.out, tr, te, progress=not args.no_progress)
+    except FolderLockedError as e:
+        print(f"kronfisher compare: {e}", file=sys.stderr)
+        return 2
+    except OutputError as e:
+        print(f"kronfisher compare: {e}", file=sys.stderr)
+        return 1
+    print(summarise(results)["markdown"])
     print(f"plots: {args.out / 'loss_vs_epoch.png'}, {args.out / 'loss_vs_time.png'}")
     return 0
+
+
+def _compare_interrupted(out: Path):
+    def note() -> str:
+        from .bench.compare import load_result
+
+        kept = sorted(p.stem for p in (out / "runs").glob("*.json")
+                      if load_result(p)[0] is not None)
+        return (f"finished runs kept in {out / 'runs'}: {', '.join(kept) or 'none'}; the run"
+                " in progress is lost. Rerun the same command to resume (finished runs are"
+                " reused)")
+    return note
 
 
 def _cmd_fisher_error(args) -> int:
@@ -231,6 +283,8 @@ def _cmd_demo(args) -> int:
     if args.no_progress:
         argv.append("--no-progress")
     rc = main(argv)
+    if rc == 130:  # interrupted: compare said what was kept
+        return rc
     print(f"demo finished in {time.time() - t0:.0f} s")
     return rc
 
@@ -275,6 +329,7 @@ def _default_threads() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (130 after Ctrl-C, with what was kept)."""
     import os
 
     args = build_parser().parse_args(argv)
@@ -294,7 +349,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     handler = {"train": _cmd_train, "compare": _cmd_compare, "fisher-error": _cmd_fisher_error,
                "demo": _cmd_demo, "data": _cmd_data}[args.command]
-    return handler(args)
+    args.on_interrupt = None  # what to tell the user on Ctrl-C; set by the command
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        note = args.on_interrupt
+        note = note() if callable(note) else note
+        print(f"\nkronfisher {args.command}: interrupted"
+              + (f"; {note}" if note else "; nothing was written"), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

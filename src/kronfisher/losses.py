@@ -9,6 +9,7 @@ from torch import Tensor
 __all__ = ["sampled_nll", "LIKELIHOODS"]
 
 LIKELIHOODS = ("gaussian", "bernoulli", "categorical")
+_WHAT = {"gaussian": "means", "bernoulli": "logits", "categorical": "logits"}
 
 
 def sampled_nll(outputs: Tensor, likelihood: str, *, generator: torch.Generator | None = None
@@ -22,11 +23,29 @@ def sampled_nll(outputs: Tensor, likelihood: str, *, generator: torch.Generator 
         likelihood: "gaussian", "bernoulli" or "categorical".
         generator: optional torch.Generator for the samples.
 
+    Raises:
+        TypeError: ``outputs`` is not a floating-point torch.Tensor (numpy arrays, integer
+            tensors).
+        ValueError: unknown likelihood, empty batch, NaN/Inf outputs, categorical outputs
+            without a class dimension.
+
     The per-example NLL is summed over output dimensions (DESIGN.md §2); constants that
     do not depend on the outputs are dropped. Targets are sampled without gradient, so
     the backward of this loss gives per-example gradients whose outer products average
     to the true Fisher.
     """
+    if not isinstance(outputs, Tensor):
+        raise TypeError(
+            f"sampled_nll: outputs must be the network's output tensor (part of the autograd"
+            f" graph), got {type(outputs).__module__}.{type(outputs).__name__}"
+        )
+    if not outputs.is_floating_point():
+        raise TypeError(
+            f"sampled_nll: outputs must be floating-point {_WHAT.get(likelihood, 'outputs')},"
+            f" got dtype {outputs.dtype} (integer tensors carry no gradient)"
+        )
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {likelihood!r}; choose from {LIKELIHOODS}")
     if outputs.ndim < 1 or outputs.shape[0] == 0:
         raise ValueError(
             f"outputs must have a non-empty batch dimension, got {tuple(outputs.shape)}"

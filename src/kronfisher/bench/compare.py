@@ -1,4 +1,11 @@
-"""Run several optimizers on one problem under equal budgets; summarise and plot."""
+"""Run several optimizers on one problem under equal budgets; summarise and plot.
+
+Resuming: a run whose ``runs/<optimizer>.json`` is a valid result of the same settings,
+package version and torch thread count is kept; any other file there (corrupt, empty,
+truncated, not UTF-8, a folder, other settings/version/threads) is moved aside to
+``<name>.json.<reason>-<time>`` with a message and the run is redone. One ``compare`` at a
+time per folder (:func:`~kronfisher.bench.lock.folder_lock`).
+"""
 
 from __future__ import annotations
 
@@ -6,51 +13,145 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .io import read_json, write_csv, write_json
+import torch
+
+from .io import OutputError, check_writable_dir, csv_text, move_aside, save_json, save_text
+from .lock import folder_lock
 from .problems import PROBLEMS
 from .runner import RunConfig, train
 
-__all__ = ["compare", "summarise", "plot_runs", "time_to_reach"]
+__all__ = ["compare", "summarise", "plot_runs", "time_to_reach", "load_result"]
+
+_FINAL_KEYS = ("epoch", "step", "wall_time", "train_loss", "train_loss_pixel", "test_loss",
+               "test_loss_pixel")
 
 
 def _signature(cfg: RunConfig) -> str:
     return json.dumps(asdict(cfg), sort_keys=True)
 
 
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _problem_with(obj) -> str | None:
+    """Why ``obj`` is not a usable run record (None if it is)."""
+    if not isinstance(obj, dict):
+        kind = {type(None): "null", list: "array", str: "string", bool: "boolean"}.get(
+            type(obj), "number")
+        return f"it holds a JSON {kind}, not a run record (an object)"
+    for key, typ in (("final", dict), ("history", list), ("status", str), ("config", dict)):
+        if not isinstance(obj.get(key), typ):
+            return f"its {key!r} entry is missing or not a {typ.__name__}"
+    missing = [k for k in _FINAL_KEYS if not isinstance(obj["final"].get(k), int | float)]
+    if missing:
+        return f"its 'final' entry lacks {missing}"
+    if not obj["history"] or not all(isinstance(r, dict) for r in obj["history"]):
+        return "its 'history' is empty or malformed"
+    return None
+
+
+def load_result(path: Path) -> tuple[dict | None, str | None]:
+    """(record, None) for a valid run record at ``path``, else (None, why not)."""
+    if path.is_dir():
+        return None, "it is a folder"
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "it is not UTF-8 text"
+    except ValueError as e:
+        return None, f"it is not valid JSON ({e})"
+    except OSError as e:
+        return None, f"it cannot be read ({e.strerror or e})"
+    why = _problem_with(obj)
+    return (None, why) if why else (obj, None)
+
+
+def _reusable(cfg: RunConfig, path: Path, echo) -> dict | None:
+    """The finished run at ``path`` if it can stand for ``cfg`` now; otherwise move the
+    file aside (saying why) and return None."""
+    if not path.exists() and not path.is_symlink():
+        return None
+    name = f"[{cfg.optimizer}]"
+    old, why = load_result(path)
+    if old is None:
+        aside = move_aside(path, "corrupt")
+        echo(f"{name} {path} is not a usable result ({why}): moved it to {aside.name},"
+             " running again")
+        return None
+    threads, version = torch.get_num_threads(), _version()
+    differs = []
+    if old.get("signature") != _signature(cfg):
+        differs.append("other settings")
+    if old.get("kronfisher_version") != version:
+        differs.append(f"kronfisher {old.get('kronfisher_version', 'unknown')} (now {version})")
+    if old.get("torch_threads") != threads:
+        differs.append(f"{old.get('torch_threads', 'unknown')} torch threads (now {threads})")
+    if differs:
+        aside = move_aside(path, "old")
+        echo(f"{name} the finished run in {path} was made with {', '.join(differs)}; its"
+             f" times would not compare: moved it to {aside.name}, running again")
+        return None
+    echo(f"{name} finished earlier, kept ({path})")
+    return old
+
+
 def compare(configs: list[RunConfig], out: str | Path, train_data, test_data, *,
             progress: bool = True, echo=print) -> dict[str, dict]:
-    """Run every config (skipping finished ones found in ``out/runs``), then write
-    ``summary.md``, ``summary.json`` and the plots. Returns the results by optimizer."""
+    """Run every config (keeping finished ones found in ``out/runs``), then write
+    ``summary.md``, ``summary.json`` and the plots. Returns the results by optimizer.
+
+    Raises:
+        OutputError: ``out`` cannot be written (checked before any training), or some
+            file could not be written at the end (each was saved to a rescue folder, named
+            in the message, so no result is lost).
+        FolderLockedError: another live process is running a compare on ``out``.
+    """
     out = Path(out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    results = {}
+    check_writable_dir(out)
+    with folder_lock(out, what="kronfisher compare", echo=echo):
+        return _compare_locked(configs, out, train_data, test_data, progress, echo)
+
+
+def _compare_locked(configs, out: Path, train_data, test_data, progress, echo):
+    check_writable_dir(out / "runs")
+    results, rescued = {}, []
+
+    def save(path: Path, text: str) -> None:
+        where = save_text(path, text, echo=echo)
+        if where != path:
+            rescued.append(f"{path.name} → {where or 'stdout'}")
+
     for cfg in configs:
         path = out / "runs" / f"{cfg.optimizer}.json"
-        if path.exists():
-            try:
-                old = read_json(path)
-                if old.get("signature") == _signature(cfg):
-                    echo(f"[{cfg.optimizer}] finished earlier, kept ({path})")
-                    results[cfg.optimizer] = old
-                    continue
-            except (json.JSONDecodeError, OSError):
-                pass  # unreadable: run again
+        old = _reusable(cfg, path, echo)
+        if old is not None:
+            results[cfg.optimizer] = old
+            continue
         echo(f"[{cfg.optimizer}] training on {cfg.problem} ...")
         res = train(cfg, train_data, test_data, progress=progress)
         res["signature"] = _signature(cfg)
-        write_json(path, res)
-        write_csv(out / "runs" / f"{cfg.optimizer}.csv", res["history"])
+        res["kronfisher_version"] = _version()
+        save(path, json.dumps(res, indent=1, sort_keys=True) + "\n")
+        save(out / "runs" / f"{cfg.optimizer}.csv", csv_text(res["history"]))
         f = res["final"]
         echo(f"[{cfg.optimizer}] {res['status']}: epoch {f['epoch']:.2f}, train loss"
              f" {f['train_loss']:.4f} ({f['train_loss_pixel']:.5f}/pixel), test"
              f" {f['test_loss']:.4f}, {f['wall_time']:.1f}s")
         results[cfg.optimizer] = res
     summary = summarise(results)
-    write_json(out / "summary.json", summary["rows"])
-    from .io import atomic_write_text
-
-    atomic_write_text(out / "summary.md", summary["markdown"])
-    plot_runs(results, out)
+    if save_json(out / "summary.json", summary["rows"], echo=echo) != out / "summary.json":
+        rescued.append("summary.json")
+    save(out / "summary.md", summary["markdown"])
+    try:
+        plot_runs(results, out)
+    except OSError as e:
+        echo(f"kronfisher: could not write the plots in {out}: {e.strerror or e}")
+    if rescued:
+        raise OutputError(f"could not write every file in {out}; kept elsewhere:"
+                          f" {'; '.join(rescued)}")
     return results
 
 

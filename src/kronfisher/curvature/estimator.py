@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from ..linalg import KroneckerSum, spatial_pair_mask
+from ..linalg import SOLVERS, KroneckerSum, spatial_pair_mask
 from .methods import METHODS, approximate, method_rank
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class KroneckerEstimator:
@@ -17,6 +21,10 @@ class KroneckerEstimator:
         solver, rank, tol, max_iter: passed to :func:`approximate`.
         conv_radius: 0, an int r, or "all": conv location pairs kept (Chebyshev distance
             ≤ r on the output grid). KFAC ignores it (KFC assumes spatial independence).
+
+    Raises:
+        ValueError: unknown method or solver, rank/max_iter not an integer ≥ 1, tol not a
+            number in (0, 1), bad conv_radius — at construction, not at the first step.
     """
 
     def __init__(
@@ -30,6 +38,14 @@ class KroneckerEstimator:
         max_iter: int | None = None,
     ):
         method_rank(method, rank)  # validates method and rank
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
+        if tol is not None and not (
+                isinstance(tol, int | float) and not isinstance(tol, bool) and 0 < tol < 1):
+            raise ValueError(f"tol must be a relative tolerance in (0, 1) or None, got {tol!r}")
+        if max_iter is not None and not (
+                isinstance(max_iter, int) and not isinstance(max_iter, bool) and max_iter >= 1):
+            raise ValueError(f"max_iter must be an integer >= 1 or None, got {max_iter!r}")
         if conv_radius != "all" and not (isinstance(conv_radius, int) and conv_radius >= 0):
             raise ValueError(f"conv_radius must be an int >= 0 or 'all', got {conv_radius!r}")
         self.method, self.solver, self.rank = method, solver, rank
@@ -50,12 +66,40 @@ class KroneckerEstimator:
     def estimate(
         self, a: Tensor, g: Tensor, spatial: tuple[int, int], previous: KroneckerSum | None
     ) -> KroneckerSum:
-        """The approximation of this batch's Fisher block, warm-started from ``previous``."""
-        return approximate(
-            a, g, self.method, solver=self.solver, rank=self.rank,
-            pair_mask=self.pair_mask(spatial, a), init=previous, tol=self.tol,
-            max_iter=self.max_iter,
+        """The approximation of this batch's Fisher block, warm-started from ``previous``.
+
+        Scale-safe: float16/bfloat16 statistics are computed in float32 (the result is a
+        float32 KroneckerSum), and ``a`` and ``g`` are divided by powers of two near their
+        largest magnitudes before any product is formed, the factors multiplied back
+        after. Powers of two make this exact in floating point (same result up to
+        over/underflow), while the solver's Gram products — fourth powers of the inputs —
+        no longer overflow. A result that is itself not representable comes back with
+        Inf entries; the preconditioner then skips the update for that layer.
+        """
+        if a.dtype in _LOW_PRECISION:
+            a, g = a.float(), g.float()
+        sa, sg = pow2_scale(a), pow2_scale(g)
+        split = sa * sg  # the factor by which each normalised SVD term is rescaled
+        init = previous
+        if previous is not None and split != 1.0:
+            init = KroneckerSum([(A / split, G / split) for A, G in previous.terms])
+        ks = approximate(
+            a / sa if sa != 1.0 else a, g / sg if sg != 1.0 else g, self.method,
+            solver=self.solver, rank=self.rank, pair_mask=self.pair_mask(spatial, a),
+            init=init, tol=self.tol, max_iter=self.max_iter,
         )
+        if sa == 1.0 and sg == 1.0:
+            return ks
+        # KFAC's factors (and KFAC-corrected's first term) are (1/m) Σ a aᵀ and Σ g gᵀ;
+        # the SVD terms are normalised to ‖A_k‖ = ‖G_k‖, so each gets half the scale.
+        kfac_first = self.method in ("kfac", "kfac_corrected")
+        terms = [
+            (A * (sa * sa), G * (sg * sg)) if (k == 0 and kfac_first) else (A * split, G * split)
+            for k, (A, G) in enumerate(ks.terms)
+        ]
+        out = KroneckerSum(terms)
+        out.info = dict(ks.info)
+        return out
 
     @staticmethod
     def average(old: KroneckerSum | None, new: KroneckerSum, decay: float) -> KroneckerSum:
@@ -77,4 +121,16 @@ class KroneckerEstimator:
         return out
 
 
-__all__ = ["KroneckerEstimator", "METHODS"]
+def pow2_scale(x: Tensor) -> float:
+    """2^round(log2 max|x|) as a float (1.0 for all-zero or non-finite x): dividing by it
+    is exact and brings the largest magnitude into [1/√2, √2)."""
+    if not x.numel():
+        return 1.0
+    lo, hi = torch.aminmax(x)  # one pass, no |x| copy
+    m = max(-float(lo), float(hi))
+    if not (m > 0.0 and math.isfinite(m)):
+        return 1.0
+    return math.ldexp(1.0, round(math.log2(m)))
+
+
+__all__ = ["KroneckerEstimator", "METHODS", "pow2_scale"]

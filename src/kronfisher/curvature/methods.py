@@ -28,6 +28,9 @@ def method_rank(method: str, rank: int | None = None) -> int:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     if rank is not None and method != "kpsvd":
         raise ValueError(f"rank= applies to method 'kpsvd' only, not {method!r}")
+    if rank is not None and not (isinstance(rank, int) and not isinstance(rank, bool)
+                                 and rank >= 1):
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
     if method == "kpsvd":
         return 1 if rank is None else rank
     return 1 if method == "kfac" else 2

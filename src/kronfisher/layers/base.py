@@ -6,6 +6,18 @@ import torch
 from torch import Tensor, nn
 
 
+def _weight(module: nn.Module) -> Tensor:
+    w = module.weight
+    if not isinstance(w, Tensor):
+        raise UnsupportedLayerError(f"{type(module).__name__} has no weight tensor")
+    return w
+
+
+def _bias(module: nn.Module) -> Tensor | None:
+    b = getattr(module, "bias", None)
+    return b if isinstance(b, Tensor) else None
+
+
 class UnsupportedLayerError(ValueError):
     """A module (or a module configuration) no adapter can handle correctly."""
 
@@ -23,41 +35,47 @@ class LayerAdapter:
 
     @staticmethod
     def inputs(module: nn.Module, x: Tensor) -> Tensor:
+        """The layer inputs ``a`` (m, T, d_a) from the module's input ``x``."""
         raise NotImplementedError
 
     @staticmethod
     def output_grads(module: nn.Module, grad_out: Tensor) -> Tensor:
+        """The output gradients ``g`` (m, T, d_g) from the gradient of the module's output."""
         raise NotImplementedError
 
     @staticmethod
     def spatial_shape(module: nn.Module, grad_out: Tensor) -> tuple[int, int]:
+        """The (height, width) grid of output locations; (1, 1) for non-convolutions."""
         return (1, 1)
 
     @staticmethod
-    def params(module: nn.Module) -> list[nn.Parameter]:
-        return [p for p in (module.weight, module.bias) if p is not None]
+    def params(module: nn.Module) -> list[Tensor]:
+        """The weight and (if present) the bias, in gradient-matrix column order."""
+        b = _bias(module)
+        return [_weight(module)] + ([b] if b is not None else [])
 
     @staticmethod
     def grad_matrix(module: nn.Module) -> Tensor | None:
         """[∇W ∇b] as (d_g, d_a), or None if the layer has no gradient this step."""
-        w = module.weight
+        w, b = _weight(module), _bias(module)
         if w.grad is None:
             return None
         gw = w.grad.reshape(w.shape[0], -1)
-        if module.bias is None:
+        if b is None:
             return gw
-        gb = module.bias.grad
+        gb = b.grad
         if gb is None:
             gb = gw.new_zeros(w.shape[0])
         return _cat_bias(gw, gb)
 
     @staticmethod
     def set_grad_matrix(module: nn.Module, M: Tensor) -> None:
-        w = module.weight
+        """Write the (d_g, d_a) matrix ``M`` back as the weight's and bias's ``.grad``."""
+        w, b = _weight(module), _bias(module)
         n = w[0].numel()
         w.grad = M[:, :n].reshape(w.shape).to(w.dtype).contiguous()
-        if module.bias is not None:
-            module.bias.grad = M[:, n].to(module.bias.dtype).contiguous()
+        if b is not None:
+            b.grad = M[:, n].to(b.dtype).contiguous()
 
 
 def _cat_bias(gw: Tensor, gb: Tensor) -> Tensor:

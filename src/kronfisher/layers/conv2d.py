@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -9,8 +11,12 @@ from .base import LayerAdapter, UnsupportedLayerError, append_ones
 
 
 class Conv2dAdapter(LayerAdapter):
+    """Adapter of ``nn.Conv2d`` (groups = 1, zero integer padding; any stride, dilation)."""
+
     @staticmethod
-    def check(module: nn.Conv2d) -> None:
+    def check(module: nn.Module) -> None:
+        """Raise :class:`UnsupportedLayerError` for groups ≠ 1, non-zero or string padding."""
+        module = cast(nn.Conv2d, module)
         if module.groups != 1:
             raise UnsupportedLayerError(f"Conv2d with groups={module.groups} (only groups=1)")
         if module.padding_mode != "zeros":
@@ -23,20 +29,25 @@ class Conv2dAdapter(LayerAdapter):
             )
 
     @staticmethod
-    def inputs(module: nn.Conv2d, x: Tensor) -> Tensor:
+    def inputs(module: nn.Module, x: Tensor) -> Tensor:
+        """Unfolded input patches (with 1 for the bias) as (m, T, d_a)."""
+        module = cast(nn.Conv2d, module)
         if x.ndim != 4:
             raise UnsupportedLayerError(f"Conv2d input must be (N, C, H, W), got {tuple(x.shape)}")
+        padding = cast(tuple[int, int], module.padding)  # string padding refused by check()
         cols = F.unfold(
-            x.detach(), module.kernel_size, dilation=module.dilation, padding=module.padding,
+            x.detach(), module.kernel_size, dilation=module.dilation, padding=padding,
             stride=module.stride,
         )  # (m, C·kh·kw, T), channel-major like weight.reshape(out, -1)
         cols = cols.transpose(1, 2)
         return append_ones(cols) if module.bias is not None else cols
 
     @staticmethod
-    def output_grads(module: nn.Conv2d, grad_out: Tensor) -> Tensor:
+    def output_grads(module: nn.Module, grad_out: Tensor) -> Tensor:
+        """Per-location output gradients as (m, T, d_g)."""
         return grad_out.detach().flatten(2).transpose(1, 2)  # (m, T, out)
 
     @staticmethod
-    def spatial_shape(module: nn.Conv2d, grad_out: Tensor) -> tuple[int, int]:
+    def spatial_shape(module: nn.Module, grad_out: Tensor) -> tuple[int, int]:
+        """The output grid (height, width)."""
         return int(grad_out.shape[-2]), int(grad_out.shape[-1])

@@ -8,8 +8,11 @@ from .base import LayerAdapter, UnsupportedLayerError, append_ones
 
 
 class LinearAdapter(LayerAdapter):
+    """Adapter of ``nn.Linear`` with 2-D (batch, features) inputs."""
+
     @staticmethod
-    def inputs(module: nn.Linear, x: Tensor) -> Tensor:
+    def inputs(module: nn.Module, x: Tensor) -> Tensor:
+        """aᵢ = [xᵢ; 1] (1 only with a bias) as (m, 1, d_a)."""
         if x.ndim != 2:
             raise UnsupportedLayerError(
                 f"nn.Linear with {x.ndim}-D input {tuple(x.shape)}: only (batch, features)"
@@ -20,5 +23,6 @@ class LinearAdapter(LayerAdapter):
         return (append_ones(x) if module.bias is not None else x)[:, None, :]
 
     @staticmethod
-    def output_grads(module: nn.Linear, grad_out: Tensor) -> Tensor:
+    def output_grads(module: nn.Module, grad_out: Tensor) -> Tensor:
+        """gᵢ as (m, 1, d_g)."""
         return grad_out.detach()[:, None, :]

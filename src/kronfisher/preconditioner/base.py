@@ -12,6 +12,13 @@ Training-loop contract::
         loss.backward()
     precond.step()                   # .grad of each registered layer ← preconditioned
     optimizer.step()
+
+Guarantees (docs/reliability.md): :meth:`Preconditioner.step` checks the ``.grad`` of every
+model parameter (registered or skipped) for NaN/Inf in one pass (one sum each) before it writes
+anything; a curvature update whose statistics or resulting factors are not finite is
+dropped for that layer (warning naming the layer) and the running average keeps its
+previous value; calling ``step()`` again on gradients it already preconditioned, or using
+the preconditioner after :meth:`~Preconditioner.remove_hooks`, raises ``RuntimeError``.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import contextlib
 import math
 import time
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -29,6 +37,12 @@ from torch import Tensor, nn
 
 from ..layers import ADAPTERS, LayerAdapter, UnsupportedLayerError, adapter_for
 from ..linalg.kronecker import all_finite as _all_finite
+from ._checks import (
+    check_curvature_shape,
+    curvature_finite,
+    grad_matrix_shape,
+    nonfinite_names,
+)
 
 __all__ = ["Preconditioner", "LayerState", "NonFiniteError", "KL_CLIP_MODES"]
 
@@ -91,10 +105,12 @@ class Preconditioner:
             no lr², absolute value per layer).
         kl_clip_mode: "lr2" or "authors" (see ``kl_clip``).
         lr: the optimizer's learning rate, needed by ``kl_clip`` in mode "lr2" only.
-        nonfinite: "skip" (default): a NaN/Inf gradient makes :meth:`step` warn, set every
-            model parameter's ``.grad`` to None (so ``optimizer.step()`` changes nothing)
-            and return False; NaN/Inf statistics skip that curvature update with a warning.
-            "raise": raise :class:`NonFiniteError` instead (parameters untouched either way).
+        nonfinite: "skip" (default): a NaN/Inf gradient of any model parameter (also the
+            skipped ones) makes :meth:`step` warn, set every model parameter's ``.grad`` to
+            None (so ``optimizer.step()`` changes nothing) and return False; NaN/Inf
+            statistics, or curvature factors that overflow, skip that layer's curvature
+            update with a warning naming it. "raise": raise :class:`NonFiniteError` instead
+            (parameters and curvature untouched either way).
     """
 
     def __init__(
@@ -148,6 +164,9 @@ class Preconditioner:
         self._by_module = {id(s.module): s for s in self.layers.values()}
         self._collecting = False
         self._reduction = "mean"
+        self._hooks_removed = False
+        # (weak reference to each .grad written by the last step, its ._version then)
+        self._written: dict[int, tuple[weakref.ref, int]] = {}
         self._handles = [
             s.module.register_forward_hook(self._forward_hook) for s in self.layers.values()
         ]
@@ -176,10 +195,22 @@ class Preconditioner:
             self.skip_reasons[full] = reason
 
     def remove_hooks(self) -> None:
-        """Detach the forward hooks from the model."""
+        """Detach the forward hooks from the model; the preconditioner cannot be used after.
+
+        Later :meth:`collect` and :meth:`step` calls raise ``RuntimeError`` (without hooks no
+        curvature would be recorded and ``step()`` would keep using frozen curvature).
+        """
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._hooks_removed = True
+
+    def _check_hooks(self, what: str) -> None:
+        if self._hooks_removed:
+            raise RuntimeError(
+                f"{what} after remove_hooks(): this preconditioner no longer records curvature;"
+                " build a new preconditioner (or load its state_dict into a new one) to go on"
+            )
 
     # ------------------------------------------------------------------ hooks
     @contextlib.contextmanager
@@ -192,6 +223,7 @@ class Preconditioner:
         """
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self._check_hooks("collect()")
         active = force or self.steps % self.cov_update_freq == 0
         if self._collecting:
             raise RuntimeError("collect() contexts cannot be nested")
@@ -237,19 +269,29 @@ class Preconditioner:
 
         Returns True if the gradients were preconditioned, False if the step was skipped
         because of a non-finite gradient (see ``nonfinite``).
+
+        Raises:
+            RuntimeError: a registered layer's ``.grad`` is still the one the previous
+                ``step()`` wrote (no backward in between: preconditioning it again would
+                apply the curvature twice); no curvature yet; called after
+                :meth:`remove_hooks`.
+            NonFiniteError: with ``nonfinite="raise"``, a NaN/Inf gradient or statistic.
         """
+        self._check_hooks("step()")
+        self._check_fresh_grads()
         t0 = time.perf_counter()
         self._fold_in_captures()
         t1 = time.perf_counter()
         self.timings["curvature"] += t1 - t0
+        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
+        bad = nonfinite_names([(n, p.grad) for n, p in named])
+        if bad:
+            return self._reject(f"non-finite gradient in parameter(s) {bad}")
         grads = {}
         for s in self.layers.values():
             G = s.adapter.grad_matrix(s.module)
             if G is not None:
                 grads[s.name] = G
-        bad = [n for n, G in grads.items() if not _all_finite(G)]
-        if bad:
-            return self._reject(f"non-finite gradient in layer(s) {bad}")
         missing = [n for n in grads if self.layers[n].curvature is None]
         if missing:
             raise RuntimeError(
@@ -266,23 +308,48 @@ class Preconditioner:
         t2 = time.perf_counter()
         self.timings["inverse"] += t2 - t1
         out = self._precondition({self.layers[n]: G for n, G in grads.items()})
-        bad = [s.name for s, X in out.items() if not _all_finite(X)]
+        bad = nonfinite_names([(s.name, X) for s, X in out.items()])
         if bad:
             return self._reject(f"preconditioning produced non-finite values in {bad}")
         nu = self._kl_scale(out, grads)
+        self._written = {}
         for s, X in out.items():
             s.adapter.set_grad_matrix(s.module, X * nu if nu != 1.0 else X)
+            for p in s.adapter.params(s.module):
+                if p.grad is not None:
+                    self._written[id(p)] = (weakref.ref(p.grad), p.grad._version)
         self.timings["precondition"] += time.perf_counter() - t2
         self.steps += 1
         return True
+
+    def _check_fresh_grads(self) -> None:
+        """Raise if a registered parameter's .grad is the unchanged tensor the last step wrote."""
+        if not self._written:
+            return
+        stale = []
+        for s in self.layers.values():
+            for p in s.adapter.params(s.module):
+                rec = self._written.get(id(p))
+                if rec is not None and p.grad is not None and p.grad is rec[0]() and (
+                        p.grad._version == rec[1]):
+                    stale.append(s.name)
+                    break
+        if stale:
+            raise RuntimeError(
+                f"step() called again on gradients it already preconditioned (layer(s) {stale}"
+                " have the .grad the previous step() wrote, unchanged): run a new backward"
+                " (after optimizer.zero_grad()) before each step(); preconditioning them"
+                " twice would apply the curvature twice"
+            )
 
     def _reject(self, msg: str) -> bool:
         if self.nonfinite == "raise":
             raise NonFiniteError(msg)
         warnings.warn(f"{msg}: step skipped, all gradients cleared", RuntimeWarning,
-                      stacklevel=3)
+                      stacklevel=4)  # past the no_grad wrapper
         for p in self.model.parameters():
             p.grad = None
+        self._written = {}
         self.skipped_steps += 1
         self.steps += 1
         return False
@@ -304,12 +371,32 @@ class Preconditioner:
                     f"non-finite curvature statistics in layer {s.name!r}: curvature update"
                     " skipped for this layer",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
                 continue
             batch[s] = (a, g, caps[0].spatial)
-        if batch:
-            self._update_curvature(batch)
+        if not batch:
+            return
+        before = {s: (s.curvature, s.updates) for s in batch}
+        self._update_curvature(batch)
+        for s, (old, updates) in before.items():
+            if s.curvature is not old and not curvature_finite(s.curvature):
+                s.curvature, s.updates = old, updates  # the running average stays as it was
+                self._curvature_rejected(
+                    s.name, "the curvature built from its statistics is not finite (the"
+                    " statistics are finite but the factors overflow their dtype)")
+
+    def _curvature_rejected(self, name: str, why: str, stacklevel: int = 5) -> None:
+        """Drop one layer's curvature update: raise (``nonfinite="raise"``) or warn
+        (``stacklevel`` 5: the caller of step(), past its no_grad wrapper)."""
+        if self.nonfinite == "raise":
+            raise NonFiniteError(f"layer {name!r}: {why}; curvature update not applied")
+        warnings.warn(
+            f"layer {name!r}: {why}: curvature update skipped for this layer (the running"
+            " average keeps its previous value)",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
 
     def _decay(self, state: LayerState) -> float:
         """min(1 − 1/k, ρ) for the k-th curvature batch (k counted from 1)."""
@@ -376,11 +463,22 @@ class Preconditioner:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output.
+
+        Raises:
+            ValueError: other layer names, or a layer whose saved curvature does not fit
+                this model's layer (checked for every layer before anything is changed).
+        """
         names = set(state["layers"])
         if names != set(self.layers):
             raise ValueError(
                 f"state_dict layers {sorted(names)} do not match this model's {sorted(self.layers)}"
             )
+        for name, d in state["layers"].items():
+            s = self.layers[name]
+            d_g, d_a = grad_matrix_shape(s)
+            if d.get("curvature") is not None:
+                check_curvature_shape(name, self._unpack(d["curvature"]), d_g, d_a)
         for k, v in state["hyper"].items():
             setattr(self, k, v)
         self.steps = state["steps"]
@@ -396,6 +494,7 @@ class Preconditioner:
             if s.inverse_source is not None and d["inverse_damping"] is not None:
                 self._factorize(s, s.inverse_source, d["inverse_damping"])
         self._load_extra_state(state.get("extra", {}))
+        self._written = {}
 
     def _pack(self, curvature):
         raise NotImplementedError

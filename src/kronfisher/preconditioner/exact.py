@@ -7,6 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..curvature.estimator import pow2_scale
+from ..linalg import SingularFactorError
+from ..linalg.kronecker import all_finite
 from .base import LayerState, Preconditioner
 
 __all__ = ["ExactNG", "per_example_gradients", "DenseEigh", "FullFisherInverse"]
@@ -44,6 +47,23 @@ def per_example_gradients(a: Tensor, g: Tensor) -> Tensor:
     return torch.einsum("ita,itg->iag", a, g).reshape(a.shape[0], -1)
 
 
+def _scaled_jacobian(a: Tensor, g: Tensor) -> tuple[Tensor, float]:
+    """(J/c, c): per-example gradients divided by a power of two c (exact), float16 and
+    bfloat16 statistics promoted to float32 (LAPACK has no half-precision eigh), so that
+    JᵀJ cannot overflow before it is scaled back by c²."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        a, g = a.float(), g.float()
+    sa, sg = pow2_scale(a), pow2_scale(g)
+    return per_example_gradients(a / sa, g / sg), sa * sg
+
+
+def _fisher(Js: list[tuple[Tensor, float]]) -> Tensor:
+    """(1/m) JᵀJ of the concatenated per-example gradients, in the original scale."""
+    c = max(s for _, s in Js)
+    J = torch.cat([J * (s / c) for J, s in Js], 1) if len(Js) > 1 else Js[0][0]
+    return (J.mT @ J / J.shape[0]) * (c * c)
+
+
 class ExactNG(Preconditioner):
     """Natural gradient with the exact Fisher, solved densely — the reference baseline.
 
@@ -53,7 +73,9 @@ class ExactNG(Preconditioner):
     same captured (a, g) as the Kronecker methods (exact for Linear and Conv2d). The
     update is (F + λI)⁻¹ ∇, via an eigendecomposition refreshed every
     ``inv_update_freq`` steps. Refuses models whose registered layers have more than
-    ``max_params`` parameters (the dense Fisher has that size squared).
+    ``max_params`` parameters (the dense Fisher has that size squared). float16/bfloat16
+    models keep their curvature in float32. With ``damping=0`` a singular block raises
+    :class:`~kronfisher.linalg.SingularFactorError` naming the layer.
     """
 
     def __init__(
@@ -99,8 +121,7 @@ class ExactNG(Preconditioner):
     def _update_curvature(self, batch: dict[LayerState, tuple[Tensor, Tensor, tuple]]) -> None:
         if self.block_diagonal:
             for s, (a, g, _) in batch.items():
-                J = per_example_gradients(a, g)
-                F = J.mT @ J / J.shape[0]
+                F = _fisher([_scaled_jacobian(a, g)])
                 rho = self._decay(s)
                 s.curvature = F if s.curvature is None or rho == 0 else (
                     rho * s.curvature + (1 - rho) * F)
@@ -114,9 +135,15 @@ class ExactNG(Preconditioner):
         ms = {a.shape[0] for a, _, _ in batch.values()}
         if len(ms) != 1:
             raise RuntimeError("all layers must see the same examples for the full Fisher")
-        J = torch.cat([per_example_gradients(a, g) for s, (a, g, _) in
-                       sorted(batch.items(), key=lambda kv: self._offsets[kv[0].name][0])], 1)
-        F = J.mT @ J / J.shape[0]
+        F = _fisher([_scaled_jacobian(a, g) for s, (a, g, _) in
+                     sorted(batch.items(), key=lambda kv: self._offsets[kv[0].name][0])])
+        if not all_finite(F):
+            bad = [n for n, (lo, hi) in self._offsets.items()
+                   if not all_finite(F[lo:hi, lo:hi])] or sorted(self.layers)
+            self._curvature_rejected(bad[0], f"the exact Fisher blocks of {bad} overflow"
+                                     " their dtype (the full-Fisher update is skipped for"
+                                     " every layer)", stacklevel=6)
+            return
         rho = min(1.0 - 1.0 / (self._full_updates + 1), self.ema_decay)
         self._full = F if self._full is None or rho == 0 else rho * self._full + (1 - rho) * F
         self._full_updates += 1
@@ -134,6 +161,7 @@ class ExactNG(Preconditioner):
             self.steps % self.inv_update_freq == 0 and inv.step != self.steps)
         if stale:
             e, U = torch.linalg.eigh(self._full)
+            self._check_invertible("the full Fisher", e, self.damping)
             self._full_inverse = FullFisherInverse(e, U, self._full, self.damping, self.steps)
         state.inverse, state.inverse_source = self._full_inverse, self._full_inverse.source
         state.inverse_damping = self.damping
@@ -142,8 +170,24 @@ class ExactNG(Preconditioner):
         if not self.block_diagonal:
             return  # the shared full-Fisher inverse is restored by _load_extra_state
         e, U = torch.linalg.eigh(source)
+        self._check_invertible(f"layer {state.name!r}", e, damping)
         state.inverse = DenseEigh(e, U, damping)
         state.inverse_source, state.inverse_damping = source, damping
+
+    @staticmethod
+    def _check_invertible(what: str, e: Tensor, damping: float) -> None:
+        """Raise SingularFactorError if F + λI is numerically singular (only when λ = 0)."""
+        if damping > 0:
+            return
+        top = float(e.abs().max()) if e.numel() else 0.0
+        low = float(e.min()) if e.numel() else 0.0
+        if low <= e.shape[0] * torch.finfo(e.dtype).eps * top:
+            raise SingularFactorError(
+                f"{what}: the exact Fisher is singular (smallest eigenvalue {low:.3g}, largest"
+                f" {top:.3g}) and damping is 0, so (F + λI)⁻¹ does not exist; use damping > 0"
+                " (a batch smaller than the layer's parameter count always gives a singular"
+                " Fisher)"
+            )
 
     def _precondition(self, grads: dict[LayerState, Tensor]) -> dict[LayerState, Tensor]:
         if self.block_diagonal:
@@ -181,6 +225,10 @@ class ExactNG(Preconditioner):
             raise ValueError("state_dict block_diagonal setting differs from this ExactNG")
         if self.block_diagonal:
             return
+        n = max(hi for _, hi in self._offsets.values())
+        if extra["full"] is not None and tuple(extra["full"].shape) != (n, n):
+            raise ValueError(f"state_dict full Fisher is {tuple(extra['full'].shape)}, this"
+                             f" model needs ({n}, {n})")
         self._full, self._full_updates = extra["full"], extra["full_updates"]
         self._full_inverse = None
         if extra["full_inverse"] is not None:
