@@ -74,6 +74,25 @@ PHASE_NAMES = {
 }
 BASELINES = ("sgd", "adam")
 ALL_METHODS = (*SECOND_ORDER, *BASELINES)
+BASE_PREFIX = "base:"
+BASELINE_LIB: dict[str, object] = {}  # "lib": the --baseline-src package, if loaded
+
+
+def load_baseline(src: str) -> object:
+    """Import the ``kronfisher`` package under ``src`` as ``kronfisher_baseline``.
+
+    ``src`` is e.g. an exported older commit; it is loaded beside the installed package
+    (its imports are all relative).
+    """
+    import importlib.util
+
+    init = os.path.join(src, "kronfisher", "__init__.py")
+    spec = importlib.util.spec_from_file_location(
+        "kronfisher_baseline", init, submodule_search_locations=[os.path.dirname(init)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["kronfisher_baseline"] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 # --------------------------------------------------------------------------- data
@@ -98,16 +117,19 @@ def load_inputs() -> tuple[Tensor, str]:
 # ------------------------------------------------------------------------ runner
 @dataclass
 class Run:
+    """Phase timings of one method."""
     method: str
     phases: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
     direct: dict[int, float] = field(default_factory=dict)  # T -> mean seconds per step
     skipped: int = 0
 
     def median(self, phase: str) -> float:
+        """Median seconds of one phase."""
         v = self.phases[phase]
         return statistics.median(v) if v else 0.0
 
     def amortised(self, freq: int) -> float:
+        """Amortised seconds per step at update frequency ``freq``."""
         m = self.median
         return (
             m("fb") + m("opt") + m("precondition")
@@ -116,6 +138,7 @@ class Run:
         )
 
     def phase_at(self, phase: str, freq: int) -> float:
+        """Seconds per step that ``phase`` contributes at frequency ``freq``."""
         per = self.median(phase)
         return per / freq if phase in ("curv_batch", "curv_update", "factorisation") else per
 
@@ -124,7 +147,7 @@ class Trainer:
     """One model + optimizer (+ preconditioner) and the batches it trains on."""
 
     def __init__(self, method: str, X: Tensor, freq: int, seed: int = 0,
-                 start: dict[str, Tensor] | None = None):
+                 start: dict[str, Tensor] | None = None, scheme: str = "tikhonov"):
         self.method = method
         self.X = X
         self.gen = torch.Generator().manual_seed(seed)
@@ -132,7 +155,10 @@ class Trainer:
         if start is not None:
             self.model.load_state_dict(start)
         self.start = [p.detach().clone() for p in self.model.parameters()]
-        h = hyper("mnist", method, "paper")
+        lib, name = kf, method
+        if method.startswith(BASE_PREFIX):
+            lib, name = BASELINE_LIB["lib"], method[len(BASE_PREFIX):]
+        h = hyper("mnist", name, "paper")
         self.h = h
         params = self.model.parameters()
         if method == "adam":
@@ -141,15 +167,17 @@ class Trainer:
             self.opt = torch.optim.SGD(params, lr=h.lr, momentum=h.momentum,
                                        weight_decay=h.weight_decay)
         self.pc = None
-        if method in SECOND_ORDER:
-            self.pc = kf.KroneckerPreconditioner(
-                self.model, method=method, damping=h.damping, ema_decay=h.ema_decay,
+        if name in SECOND_ORDER:
+            self.pc = lib.KroneckerPreconditioner(
+                self.model, method=name, damping=h.damping, ema_decay=h.ema_decay,
                 cov_update_freq=freq, inv_update_freq=freq, kl_clip=h.kl_clip, lr=h.lr,
+                damping_scheme=scheme,
             )
         self.n_curv = max(1, int(round(h.curvature_fraction * BATCH)))
         self.skipped = 0
 
     def batch(self) -> tuple[Tensor, Tensor]:
+        """A training batch and its curvature quarter."""
         idx = torch.randint(0, self.X.shape[0], (BATCH,), generator=self.gen)
         x = self.X[idx]
         perm = torch.randperm(BATCH, generator=self.gen)[: self.n_curv]
@@ -162,8 +190,10 @@ class Trainer:
             p.copy_(p0)
 
     def step(self, rec: dict[str, float] | None = None) -> float:
-        """One training step; ``rec`` (if given) receives each phase's seconds. Returns the
-        step's wall-clock seconds."""
+        """One training step; returns its wall-clock seconds.
+
+        ``rec`` (if given) receives each phase's seconds.
+        """
         x, x_curv = self.batch()
         pc, clock = self.pc, time.perf_counter
         t0 = clock()
@@ -208,10 +238,13 @@ def pretrain(X: Tensor, steps: int, seed: int) -> dict[str, Tensor]:
 
 
 def measure_phases(methods: list[str], X: Tensor, steps: int, warmup: int,
-                   start: dict[str, Tensor]) -> dict[str, Run]:
-    """Per-phase times with T_cov = T_inv = 1. The methods take turns step by step, so a
-    burst of load from elsewhere hits them alike instead of one method's whole run."""
-    trainers = {m: Trainer(m, X, freq=1, start=start) for m in methods}
+                   start: dict[str, Tensor], scheme: str = "tikhonov") -> dict[str, Run]:
+    """Per-phase times with T_cov = T_inv = 1.
+
+    The methods take turns step by step, so a burst of load from elsewhere hits them alike
+    instead of one method's whole run.
+    """
+    trainers = {m: Trainer(m, X, freq=1, start=start, scheme=scheme) for m in methods}
     runs = {m: Run(m) for m in methods}
     for _ in range(warmup):
         for tr in trainers.values():
@@ -230,13 +263,15 @@ def measure_phases(methods: list[str], X: Tensor, steps: int, warmup: int,
 
 
 def measure_direct(run: Run, X: Tensor, T: int, warmup: int, start: dict[str, Tensor],
-                   cycles: int) -> None:
-    """Mean wall-clock time of cycles·T consecutive steps with T_cov = T_inv = T, starting
-    at an update step (the periodic phases occur exactly ``cycles`` times)."""
+                   cycles: int, scheme: str = "tikhonov") -> None:
+    """Mean wall-clock time of cycles·T consecutive steps with T_cov = T_inv = T.
+
+    Starts at an update step, so the periodic phases occur exactly ``cycles`` times.
+    """
     if run.method in BASELINES:
         run.direct[T] = run.amortised(T)  # no periodic phase
         return
-    tr = Trainer(run.method, X, freq=T, start=start)
+    tr = Trainer(run.method, X, freq=T, start=start, scheme=scheme)
     for _ in range(max(T, warmup)):
         tr.step()
         tr.restore()
@@ -252,6 +287,7 @@ def measure_direct(run: Run, X: Tensor, T: int, warmup: int, start: dict[str, Te
 
 # ------------------------------------------------------------------------ report
 def loadavg() -> str:
+    """The 1/5/15-minute load averages (or 'n/a')."""
     try:
         with open("/proc/loadavg") as f:
             return " ".join(f.read().split()[:3])
@@ -260,10 +296,12 @@ def loadavg() -> str:
 
 
 def fmt_ms(s: float) -> str:
+    """Seconds as milliseconds with one decimal."""
     return f"{1e3 * s:.1f}"
 
 
 def report(runs: dict[str, Run], freqs: list[int], direct: list[int], meta: dict) -> str:
+    """The markdown report of the measured runs."""
     sgd = runs.get("sgd")
     kfac = runs.get("kfac")
     lines = []
@@ -279,6 +317,28 @@ def report(runs: dict[str, Run], freqs: list[int], direct: list[int], meta: dict
             t = run.amortised(T)
             rs = f"{t / sgd.amortised(T):.2f}" if sgd else "–"
             rk = f"{t / kfac.amortised(T):.2f}" if kfac else "–"
+            row += f" {fmt_ms(t)} | {rs} | {rk} |"
+        lines.append(row)
+    # forward+backward and the SGD step are the same code for every method: their
+    # differences between methods are load noise, so also report totals with the median
+    common_fb = statistics.median(r.median("fb") for r in runs.values())
+    common_opt = statistics.median(r.median("opt") for n, r in runs.items() if n != "adam")
+
+    def common(run: Run, T: int) -> float:
+        return run.amortised(T) - run.median("fb") - run.median("opt") + common_fb + (
+            common_opt if run.method != "adam" else run.median("opt"))
+
+    lines.append("\n### Same, with the common forward+backward and SGD step\n")
+    lines.append(f"forward+backward {fmt_ms(common_fb)} ms and SGD step {fmt_ms(common_opt)} ms"
+                 " (medians over the methods) in every row; the rest is each method's own.\n")
+    lines.append(head)
+    lines.append("|---|" + "---:|---:|---:|" * len(freqs))
+    for name, run in runs.items():
+        row = f"| {name} |"
+        for T in freqs:
+            t = common(run, T)
+            rs = f"{t / common(sgd, T):.2f}" if sgd else "–"
+            rk = f"{t / common(kfac, T):.2f}" if kfac else "–"
             row += f" {fmt_ms(t)} | {rs} | {rk} |"
         lines.append(row)
     for T in [t for t in freqs if t == 10] or freqs[:1]:
@@ -318,6 +378,7 @@ def report(runs: dict[str, Run], freqs: list[int], direct: list[int], meta: dict
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12, help="timed steps per method (T = 1)")
     ap.add_argument("--warmup", type=int, default=3)
@@ -331,6 +392,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(ALL_METHODS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--damping-scheme", default="tikhonov",
+                    choices=("tikhonov", "factored", "factored_pi1", "authors"),
+                    help="damping scheme of our Kronecker methods")
+    ap.add_argument("--baseline-src", default=None,
+                    help="a directory holding another kronfisher package (e.g. `git archive"
+                         " <commit> src | tar -x -C DIR`, then DIR/src): its Kronecker"
+                         " methods are timed beside ours as 'base:<method>', interleaved")
     ap.add_argument("--out", default=None, help="write the markdown report here")
     args = ap.parse_args(argv)
 
@@ -339,7 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     freqs = [int(f) for f in args.freqs.split(",") if f]
     direct = [int(f) for f in args.direct.split(",") if f]
     methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in methods if m not in ALL_METHODS]
+    if args.baseline_src:
+        BASELINE_LIB["lib"] = load_baseline(args.baseline_src)
+        methods += [BASE_PREFIX + m for m in methods if m in SECOND_ORDER]
+    bad = [m for m in methods
+           if m.removeprefix(BASE_PREFIX if args.baseline_src else "") not in ALL_METHODS]
     if bad:
         ap.error(f"unknown method(s) {bad}; choose from {ALL_METHODS}")
     # SGD and KFAC are the references: always measure them, and first
@@ -356,12 +428,13 @@ def main(argv: list[str] | None = None) -> int:
         # clamping of indefinite two-term approximations warns on every refresh
         warnings.simplefilter("ignore", RuntimeWarning)
         t0 = time.perf_counter()
-        runs = measure_phases(order, X, args.steps, args.warmup, start)
+        runs = measure_phases(order, X, args.steps, args.warmup, start, args.damping_scheme)
         print(f"phases measured in {time.perf_counter() - t0:.0f} s", flush=True)
         for m in order:
             t0 = time.perf_counter()
             for T in direct:
-                measure_direct(runs[m], X, T, args.warmup, start, args.cycles)
+                measure_direct(runs[m], X, T, args.warmup, start, args.cycles,
+                               args.damping_scheme)
             print(f"  {m:15s} T=1 step {fmt_ms(runs[m].amortised(1)):>6s} ms;"
                   + "".join(f" T={T} direct {fmt_ms(runs[m].direct[T])} ms" for T in direct)
                   + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -372,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": "build_model('mnist', 'paper'), float32, batch 512, curvature batch 128",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "damping scheme": args.damping_scheme,
         "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "loadavg before/after": f"{load0} / {load1}",

@@ -5,30 +5,8 @@ import math
 import pytest
 import torch
 
+from helpers import D, eye, spd, sym, vec
 from kronfisher import KroneckerSum
-
-D = torch.float64
-
-
-def spd(n, seed, cond=10.0):
-    gen = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=D))
-    e = torch.logspace(0, math.log10(cond), n, dtype=D)
-    return (Q * e) @ Q.T
-
-
-def sym(n, seed):
-    gen = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, n, generator=gen, dtype=D)
-    return X + X.T
-
-
-def vec(V):
-    return V.T.reshape(-1)
-
-
-def eye(n):
-    return torch.eye(n, dtype=D)
 
 
 def dense_solve(M, V):

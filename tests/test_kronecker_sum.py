@@ -1,33 +1,19 @@
 """KroneckerSum: dense form, products and damped solves against dense constructions."""
 
+import warnings
+
 import pytest
 import torch
 
+import kronfisher.linalg.numerics as numerics
+from helpers import D, spd, sym, vec, vec_batch
 from kronfisher import KroneckerSum
-from kronfisher.linalg import SingularFactorError
-
-D = torch.float64
-
-
-def spd(n, seed, cond=10.0):
-    gen = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=D))
-    e = torch.logspace(0, torch.log10(torch.tensor(cond)).item(), n, dtype=D)
-    return (Q * e) @ Q.T
-
-
-def sym(n, seed):
-    gen = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, n, generator=gen, dtype=D)
-    return X + X.T
-
-
-def vec(V):
-    return V.T.reshape(-1)
-
-
-def unvec(v, d_g, d_a):
-    return v.reshape(d_a, d_g).T
+from kronfisher.linalg import (
+    EigenFactorization,
+    FactorInverses,
+    SingularFactorError,
+    factorization,
+)
 
 
 def test_matvec_matches_torch_kron():
@@ -79,8 +65,8 @@ def test_two_terms_simultaneous_diagonalisation(damping):
     torch.testing.assert_close(ks.to_dense(damping), expect, rtol=1e-10, atol=1e-11)
     V = torch.randn(3, 4, 5, dtype=D)
     X = ks.solve(V, damping)
-    ref = torch.linalg.solve(expect, torch.stack([vec(v) for v in V]).T).T
-    torch.testing.assert_close(torch.stack([vec(x) for x in X]), ref, rtol=1e-9, atol=1e-11)
+    ref = torch.linalg.solve(expect, vec_batch(V))
+    torch.testing.assert_close(vec_batch(X), ref, rtol=1e-9, atol=1e-11)
 
 
 def test_two_terms_indefinite_is_clamped_and_to_dense_shows_it():
@@ -110,12 +96,49 @@ def test_three_terms_cg_solve():
                                rtol=1e-8, atol=1e-10)
 
 
-def test_factorisation_is_reused():
-    ks = KroneckerSum([(spd(4, 0), spd(3, 1))])
+def test_factorisations_are_explicit_objects():
+    """No cache inside the sum: each factorisation keeps solving with its own damping."""
+    A, G = spd(4, 0), spd(3, 1)
+    ks = KroneckerSum([(A, G)])
     f1 = ks.factorize(1e-2)
-    assert ks.factorize(1e-2) is f1
+    f2 = ks.factorize(0.5)
+    assert f1 is not f2 and f1.damping == 1e-2 and f2.damping == 0.5
     V = torch.randn(3, 4, dtype=D)
+    for fac, lam in ((f1, 1e-2), (f2, 0.5)):
+        dense = torch.kron(A, G) + lam * torch.eye(12, dtype=D)
+        torch.testing.assert_close(vec(fac.solve(V)), torch.linalg.solve(dense, vec(V)),
+                                   rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(vec(fac.apply(fac.solve(V))), vec(V), rtol=1e-10,
+                                   atol=1e-12)
     torch.testing.assert_close(f1.solve(V), ks.solve(V, 1e-2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scheme", ["factored", "factored_pi1", "authors"])
+def test_one_term_factored_damping_uses_factor_inverses(scheme):
+    A, G = spd(5, 0), 1e-2 * spd(4, 1)
+    ks = KroneckerSum([(A, G)])
+    fac = ks.factorize(1e-3, scheme)
+    assert isinstance(fac, FactorInverses)
+    torch.testing.assert_close(fac.to_dense(), ks.to_dense(1e-3, scheme), rtol=1e-13,
+                               atol=1e-15)
+    V = torch.randn(2, 4, 5, dtype=D)
+    ref = torch.linalg.solve(ks.to_dense(1e-3, scheme), vec_batch(V))
+    torch.testing.assert_close(vec_batch(fac.solve(V)), ref, rtol=1e-9, atol=1e-12)
+    assert isinstance(ks.factorize(1e-3, "tikhonov"), EigenFactorization)
+
+
+def test_failed_cholesky_falls_back_to_the_psd_projection():
+    """A first factor with a negative eigenvalue beyond the shift (not PSD): the Cholesky
+    fails and the eigen route inverts the factors projected onto the PSD cone."""
+    Q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=D))
+    e = torch.tensor([-0.5, 0.2, 1.0, 3.0], dtype=D)
+    A, G = (Q * e) @ Q.T, spd(3, 1)
+    ks = KroneckerSum([(A, G)])
+    fac = ks.factorize(1e-2, "factored_pi1")
+    assert isinstance(fac, EigenFactorization)
+    A_psd = (Q * e.clamp_min(0)) @ Q.T
+    expect = torch.kron(A_psd + 0.1 * torch.eye(4, dtype=D), G + 0.1 * torch.eye(3, dtype=D))
+    torch.testing.assert_close(fac.to_dense(), expect, rtol=1e-10, atol=1e-12)
 
 
 def test_singular_without_damping_raises():
@@ -157,7 +180,7 @@ def test_clamped_solve_inverts_the_factorisation_dense_form():
 
 
 @pytest.mark.parametrize("n_terms", [1, 2])
-@pytest.mark.parametrize("scheme", ["tikhonov", "factored"])
+@pytest.mark.parametrize("scheme", ["tikhonov", "factored", "factored_pi1"])
 def test_factors_with_exactly_zero_rows(n_terms, scheme):
     """Dead units / constant-zero inputs give zero rows and columns in every factor."""
     A1, G1 = spd(6, 0), spd(5, 1)
@@ -168,14 +191,48 @@ def test_factors_with_exactly_zero_rows(n_terms, scheme):
     ks = KroneckerSum([(A1, G1), (A2, G2)][:n_terms])
     V = torch.randn(2, 5, 6, dtype=D)
     for lam in (1e-3, 0.3):
-        if n_terms == 2 and scheme == "tikhonov":
-            scheme_used = "tikhonov"  # two terms always damp the first term in factored form
-        else:
-            scheme_used = scheme
-        dense = ks.to_dense(lam, scheme_used)
-        X = ks.solve(V, lam, scheme_used)
-        ref = torch.linalg.solve(dense, torch.stack([vec(v) for v in V]).T).T
-        torch.testing.assert_close(torch.stack([vec(x) for x in X]), ref, rtol=1e-9,
-                                   atol=1e-11)
-        torch.testing.assert_close(ks.factorize(lam, scheme_used).to_dense(), dense,
+        dense = ks.to_dense(lam, scheme)
+        X = ks.solve(V, lam, scheme)
+        ref = torch.linalg.solve(dense, vec_batch(V))
+        torch.testing.assert_close(vec_batch(X), ref, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(ks.factorize(lam, scheme).to_dense(), dense,
                                    rtol=1e-9, atol=1e-11)
+
+
+def test_eigh_falls_back_to_float64_on_lapack_failure_only(monkeypatch):
+    """A float32 LinAlgError is retried in float64 (warning once); other errors surface."""
+    real = torch.linalg.eigh
+    calls = []
+
+    def failing(x):
+        calls.append(x.dtype)
+        if x.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("simulated syevd failure")
+        return real(x)
+
+    monkeypatch.setattr(numerics, "_warned", set())
+    monkeypatch.setattr(torch.linalg, "eigh", failing)
+    A = spd(4, 0).float()
+    with pytest.warns(RuntimeWarning, match="retrying in float64"):
+        e, U = numerics.eigh(A)
+    assert e.dtype == torch.float32 and calls == [torch.float32, torch.float64]
+    torch.testing.assert_close((U * e) @ U.T, A, rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per process: silent now
+        numerics.eigh(A)
+
+    def oom(x):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(torch.linalg, "eigh", oom)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        numerics.eigh(A)
+
+
+def test_cg_that_does_not_converge_warns(monkeypatch):
+    terms = [(spd(4, 0), spd(3, 1)), (0.5 * spd(4, 2), 0.5 * spd(3, 3)),
+             (0.5 * spd(4, 4), 0.5 * spd(3, 5))]
+    monkeypatch.setattr(numerics, "_warned", set())
+    monkeypatch.setattr(factorization, "CG_MAX_ITER", 1)
+    with pytest.warns(RuntimeWarning, match="conjugate gradients stopped"):
+        KroneckerSum(terms).solve(torch.randn(3, 4, dtype=D), 1e-3)

@@ -8,15 +8,11 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import kronfisher as kf
-from kronfisher.linalg import exact_fisher_block, rearrange
+from helpers import D, vec
+from kronfisher.linalg import FactorInverses, exact_fisher_block, rearrange
 
-D = torch.float64
 CLASSES = {"kfac": kf.KFAC, "kpsvd": kf.KPSVD, "deflation": kf.Deflation,
            "kfac_corrected": kf.KFACCorrected, "lanczos": kf.Lanczos}
-
-
-def vec(V):
-    return V.T.reshape(-1)
 
 
 def mlp(bias=True, seed=0):
@@ -148,20 +144,19 @@ def test_conv_kpsvd_all_is_best_rank1_of_exact_conv_block(stride, padding, dilat
     s = torch.linalg.svdvals(rearrange(F, d_a, d_g))
     opt = float(s[1:].norm() / F.norm().detach())
     lam = 1e-3
-    for radius in ["all"]:
-        pc = kf.KPSVD(model, damping=lam, ema_decay=0.0, conv_radius=radius)
-        model.zero_grad()
-        with pc.collect():
-            per_example_loss(model(x), y).mean().backward()
-        old = torch.cat([conv.weight.grad.reshape(3, -1)] +
-                        ([conv.bias.grad[:, None]] if bias else []), 1).clone()
-        pc.step()
-        ks = pc.curvature(conv)
-        err = float((F - ks.to_dense()).norm() / F.norm())
-        assert err == pytest.approx(opt, rel=1e-8)
-        new = torch.cat([conv.weight.grad.reshape(3, -1)] +
-                        ([conv.bias.grad[:, None]] if bias else []), 1)
-        torch.testing.assert_close(new, ks.solve(old, lam), rtol=1e-10, atol=1e-13)
+    pc = kf.KPSVD(model, damping=lam, ema_decay=0.0, conv_radius="all")
+    model.zero_grad()
+    with pc.collect():
+        per_example_loss(model(x), y).mean().backward()
+    old = torch.cat([conv.weight.grad.reshape(3, -1)] +
+                    ([conv.bias.grad[:, None]] if bias else []), 1).clone()
+    pc.step()
+    ks = pc.curvature(conv)
+    err = float((F - ks.to_dense()).norm() / F.norm())
+    assert err == pytest.approx(opt, rel=1e-8)
+    new = torch.cat([conv.weight.grad.reshape(3, -1)] +
+                    ([conv.bias.grad[:, None]] if bias else []), 1)
+    torch.testing.assert_close(new, ks.solve(old, lam), rtol=1e-10, atol=1e-13)
     # KFAC on the conv layer is KFC: A from unfolded patches, G averaged over locations
     pk = kf.KFAC(model, ema_decay=0.0)
     model.zero_grad()
@@ -188,8 +183,6 @@ def test_conv_radius_zero_matches_dense_masked_block():
     pc.step()
     cols = torch.nn.functional.unfold(x, 2).transpose(1, 2)
     a = torch.cat([cols, torch.ones(5, 9, 1, dtype=D)], 2)
-    with torch.no_grad():
-        pass
     # output gradients: ∂ℓᵢ/∂s = s − y for a linear model with this loss
     s = conv(x).flatten(2).transpose(1, 2)
     g = (s - y.reshape(5, 2, 9).transpose(1, 2)).detach()
@@ -323,8 +316,8 @@ def test_nan_statistics_skip_the_curvature_update():
 
 def test_unsupported_layers_are_listed_and_untouched():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Conv1d(1, 1, 1) if False
-                          else nn.Identity(), nn.Linear(5, 2, bias=False),
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Identity(),
+                          nn.Linear(5, 2, bias=False),
                           nn.Conv2d(1, 1, 1, groups=1, padding_mode="reflect"))
     pc = kf.KFAC(model[:4])
     assert set(pc.skipped) == {"1.weight", "1.bias"}
@@ -485,3 +478,95 @@ def test_every_preconditioner_beats_sgd_on_a_small_regression():
         assert loss < best_sgd, (name, loss, best_sgd)
     loss = train(lambda m: kf.ExactNG(m, damping=1e-2, ema_decay=0.5), 0.5)
     assert loss < best_sgd
+
+
+def test_remove_hooks_detaches_them_from_the_model():
+    """The modules keep no hook of ours (collect/step then raise: test_reliability_steps)."""
+    model = mlp()
+    before = {id(m): len(m._forward_hooks) for m in model}
+    pc = kf.KFAC(model, ema_decay=0.0)
+    assert all(len(m._forward_hooks) == before[id(m)] + 1 for m in model
+               if isinstance(m, nn.Linear))
+    pc.remove_hooks()
+    assert all(len(m._forward_hooks) == before[id(m)] for m in model)
+    model(torch.randn(4, 5, dtype=D)).sum().backward()  # a plain pass records nothing
+    assert all(not s.captures for s in pc.layers.values())
+
+
+def test_collect_force_records_off_schedule():
+    model = mlp()
+    pc = kf.KFAC(model, ema_decay=0.0, cov_update_freq=10)
+    x1, x2 = torch.randn(8, 5, dtype=D), torch.randn(8, 5, dtype=D)
+    y = torch.randn(8, 3, dtype=D)
+    collect_and_step(pc, model, x1, y)  # step 0: on schedule
+    model.zero_grad()
+    with pc.collect() as active:
+        per_example_loss(model(x2), y).mean().backward()
+    assert not active
+    pc.step()
+    model.zero_grad()
+    with pc.collect(force=True) as active:
+        per_example_loss(model(x2), y).mean().backward()
+    assert active
+    pc.step()
+    a2 = torch.cat([x2, torch.ones(8, 1, dtype=D)], 1)
+    torch.testing.assert_close(pc.curvature(model[0]).terms[0][0], a2.T @ a2 / 8)
+
+
+@pytest.mark.parametrize("scheme", ["tikhonov", "factored_pi1"])
+def test_damping_change_refactorises_and_other_solves_do_not_interfere(scheme):
+    """step() uses the factorisation of the current damping, refreshed when the damping
+    changes between scheduled refreshes; solving the curvature with another damping
+    elsewhere never changes what step() uses."""
+    model = mlp()
+    pc = kf.KFAC(model, damping=1e-2, ema_decay=0.0, inv_update_freq=100,
+                 damping_scheme=scheme)
+    x, y = torch.randn(16, 5, dtype=D), torch.randn(16, 3, dtype=D)
+    collect_and_step(pc, model, x, y)
+    ks = pc.curvature(model[2])
+    if scheme == "factored_pi1":
+        assert isinstance(pc.layers["2"].inverse, FactorInverses)
+    ks.solve(torch.randn(4, 7, dtype=D), 0.7, scheme)  # a user's solve with another λ
+    for lam in (1e-2, 0.3):
+        pc.damping = lam
+        model.zero_grad()
+        per_example_loss(model(x), y).mean().backward()
+        g = grad_matrix(model[2]).clone()
+        pc.step()
+        dense = ks.to_dense(lam, scheme)
+        torch.testing.assert_close(vec(grad_matrix(model[2])), torch.linalg.solve(dense, vec(g)),
+                                   rtol=1e-9, atol=1e-12)
+        assert pc.layers["2"].inverse.damping == lam
+
+
+def test_singular_factor_is_retried_with_more_damping():
+    """Damping 0 and a rank-deficient factor (batch of 2 < layer width): SingularFactorError
+    inside, a warning and a retry with damping 1e-8 outside; the step uses that damping."""
+    model = mlp()
+    pc = kf.KFAC(model, damping=0.0, ema_decay=0.0)
+    x, y = torch.randn(2, 5, dtype=D), torch.randn(2, 3, dtype=D)
+    model.zero_grad()
+    with pc.collect():
+        per_example_loss(model(x), y).mean().backward()
+    g = grad_matrix(model[0]).clone()
+    with pytest.warns(RuntimeWarning, match="retrying with damping 1e-08"):
+        assert pc.step()
+    fac = pc.layers["0"].inverse
+    assert fac.damping == 1e-8
+    dense = pc.curvature(model[0]).to_dense(1e-8)
+    torch.testing.assert_close(vec(grad_matrix(model[0])), torch.linalg.solve(dense, vec(g)),
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_kfac_corrected_at_input_scale_1e6_is_truthful():
+    """Huge inputs (A ~ 1e12 next to a bias entry of 1): the damped first factor is
+    ill-conditioned but positive definite, so the step succeeds and solves exactly."""
+    model = mlp()
+    pc = kf.KFACCorrected(model, damping=1e-2, ema_decay=0.0)
+    x, y = 1e6 * torch.randn(32, 5, dtype=D), torch.randn(32, 3, dtype=D)
+    old = collect_and_step(pc, model, x, y)
+    m = model[0]
+    dense = pc.curvature(m).to_dense(1e-2)
+    expect = torch.linalg.solve(dense, vec(old[m]))
+    torch.testing.assert_close(vec(grad_matrix(m)), expect, rtol=1e-6,
+                               atol=1e-9 * float(expect.abs().max()))

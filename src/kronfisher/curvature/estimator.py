@@ -53,6 +53,7 @@ class KroneckerEstimator:
         self._masks: dict[tuple, Tensor | None] = {}
 
     def pair_mask(self, spatial: tuple[int, int], like: Tensor) -> Tensor | None:
+        """The (T × T) location-pair mask for this layer's output grid, or None."""
         h, w = spatial
         if h * w == 1 or self.method == "kfac":
             return None
@@ -110,8 +111,9 @@ class KroneckerEstimator:
         """
         if old is None or decay == 0.0 or len(old) != len(new):
             return new
+        w = 1.0 - decay  # one fused kernel per factor: A0 + w (A1 − A0), a new tensor
         terms = [
-            (decay * A0 + (1.0 - decay) * A1, decay * G0 + (1.0 - decay) * G1)
+            (torch.lerp(A0, A1, w), torch.lerp(G0, G1, w))
             for (A0, G0), (A1, G1) in zip(old.terms, new.terms)
         ]
         out = KroneckerSum(terms)

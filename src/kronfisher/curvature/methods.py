@@ -64,7 +64,9 @@ def approximate(
         pair_mask: (T, T) 0/1 mask of the location pairs kept in a conv Fisher block
             (:func:`~kronfisher.linalg.spatial_pair_mask`); ``None`` keeps all pairs.
         init: the previous approximation, to warm-start iterative solvers.
-        tol, max_iter, products: passed to :func:`~kronfisher.linalg.nearest_kronecker`.
+        tol: relative tolerance, passed to :func:`~kronfisher.linalg.nearest_kronecker`.
+        max_iter: iteration cap, passed on likewise.
+        products: "auto", "gram" or "direct", passed on likewise.
 
     Returns:
         A :class:`KroneckerSum`; ``.info`` records solver, iterations and singular values.

@@ -30,6 +30,7 @@ import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +60,14 @@ class _Capture:
     g: Tensor | None = None
 
 
+class Factorization(Protocol):
+    """What a preconditioner keeps per layer to precondition with (e.g. a
+    :class:`~kronfisher.linalg.KroneckerFactorization`): built once per refresh, used by
+    every :meth:`Preconditioner.step` until the next one."""
+
+    damping: float  # the damping it was actually built with
+
+
 @dataclass(eq=False)  # identity semantics: states are dict keys
 class LayerState:
     """Everything the preconditioner keeps for one registered layer."""
@@ -69,7 +78,7 @@ class LayerState:
     curvature: object | None = None  # KroneckerSum (or a dense block for ExactNG)
     updates: int = 0  # number of curvature batches folded in
     inverse_source: object | None = None  # the curvature the current inverse was built from
-    inverse: object | None = None  # its factorisation
+    inverse: Factorization | None = None  # its factorisation, used by step()
     inverse_damping: float | None = None
     captures: list[_Capture] = field(default_factory=list)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -10,7 +12,34 @@ from ..linalg import SingularFactorError
 from ..linalg.kronecker import all_finite
 from .base import LayerState, Preconditioner
 
-__all__ = ["ExactNG", "per_example_gradients"]
+__all__ = ["ExactNG", "per_example_gradients", "DenseEigh", "FullFisherInverse"]
+
+
+@dataclass
+class DenseEigh:
+    """F = U diag(e) Uᵀ of one dense Fisher block; solves (F + λI) x = vec(G)."""
+
+    e: Tensor
+    U: Tensor
+    damping: float
+
+    def solve(self, G: Tensor) -> Tensor:
+        """(F + λI)⁻¹ vec(G) as a matrix of G's shape (d_g, d_a) and dtype."""
+        v = G.mT.reshape(-1).to(self.e.dtype)
+        x = self.U @ ((self.U.mT @ v) / (self.e.clamp_min(0) + self.damping))
+        return x.reshape(G.shape[1], G.shape[0]).mT.to(G.dtype)
+
+
+@dataclass
+class FullFisherInverse:
+    """The eigendecomposition of the full Fisher ``source`` shared by all layers, with the
+    damping and the step it was computed at."""
+
+    e: Tensor
+    U: Tensor
+    source: Tensor
+    damping: float
+    step: int
 
 
 def per_example_gradients(a: Tensor, g: Tensor) -> Tensor:
@@ -128,13 +157,13 @@ class ExactNG(Preconditioner):
             self._factorize(state, state.curvature, self.damping)
             return
         inv = self._full_inverse
-        stale = inv is None or inv[3] != self.damping or (
-            self.steps % self.inv_update_freq == 0 and inv[4] != self.steps)
+        stale = inv is None or inv.damping != self.damping or (
+            self.steps % self.inv_update_freq == 0 and inv.step != self.steps)
         if stale:
             e, U = torch.linalg.eigh(self._full)
             self._check_invertible("the full Fisher", e, self.damping)
-            self._full_inverse = (e, U, self._full, self.damping, self.steps)
-        state.inverse, state.inverse_source = self._full_inverse, self._full_inverse[2]
+            self._full_inverse = FullFisherInverse(e, U, self._full, self.damping, self.steps)
+        state.inverse, state.inverse_source = self._full_inverse, self._full_inverse.source
         state.inverse_damping = self.damping
 
     def _factorize(self, state: LayerState, source: Tensor, damping: float) -> None:
@@ -142,7 +171,8 @@ class ExactNG(Preconditioner):
             return  # the shared full-Fisher inverse is restored by _load_extra_state
         e, U = torch.linalg.eigh(source)
         self._check_invertible(f"layer {state.name!r}", e, damping)
-        state.inverse, state.inverse_source, state.inverse_damping = (e, U), source, damping
+        state.inverse = DenseEigh(e, U, damping)
+        state.inverse_source, state.inverse_damping = source, damping
 
     @staticmethod
     def _check_invertible(what: str, e: Tensor, damping: float) -> None:
@@ -161,9 +191,8 @@ class ExactNG(Preconditioner):
 
     def _precondition(self, grads: dict[LayerState, Tensor]) -> dict[LayerState, Tensor]:
         if self.block_diagonal:
-            return {s: self._solve(s.inverse[0], s.inverse[1], G, s.inverse_damping)
-                    for s, G in grads.items()}
-        e, U = self._full_inverse[0], self._full_inverse[1]
+            return {s: s.inverse.solve(G) for s, G in grads.items()}
+        e, U = self._full_inverse.e, self._full_inverse.U
         v = torch.zeros(e.shape[0], dtype=e.dtype, device=e.device)
         for s, G in grads.items():
             lo, hi = self._offsets[s.name]
@@ -174,12 +203,6 @@ class ExactNG(Preconditioner):
             lo, hi = self._offsets[s.name]
             out[s] = x[lo:hi].reshape(G.shape[1], G.shape[0]).mT.to(G.dtype)
         return out
-
-    @staticmethod
-    def _solve(e: Tensor, U: Tensor, G: Tensor, damping: float) -> Tensor:
-        v = G.mT.reshape(-1).to(e.dtype)
-        x = U @ ((U.mT @ v) / (e.clamp_min(0) + damping))
-        return x.reshape(G.shape[1], G.shape[0]).mT.to(G.dtype)
 
     # -------------------------------------------------------------- state
     def _pack(self, curvature):
@@ -194,7 +217,7 @@ class ExactNG(Preconditioner):
             "block_diagonal": self.block_diagonal,
             "full": self._full,
             "full_updates": self._full_updates,
-            "full_inverse": None if inv is None else (inv[2], inv[3], inv[4]),
+            "full_inverse": None if inv is None else (inv.source, inv.damping, inv.step),
         }
 
     def _load_extra_state(self, extra: dict) -> None:
@@ -211,6 +234,6 @@ class ExactNG(Preconditioner):
         if extra["full_inverse"] is not None:
             src, damping, step = extra["full_inverse"]
             e, U = torch.linalg.eigh(src)
-            self._full_inverse = (e, U, src, damping, step)
+            self._full_inverse = FullFisherInverse(e, U, src, damping, step)
             for s in self.layers.values():
                 s.inverse, s.inverse_source, s.inverse_damping = self._full_inverse, src, damping

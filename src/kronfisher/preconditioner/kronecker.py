@@ -7,11 +7,15 @@ import warnings
 from torch import Tensor, nn
 
 from ..curvature import KroneckerEstimator
-from ..linalg import KroneckerSum, SingularFactorError
-from ..linalg.kronecker import SCHEMES
+from ..linalg import SCHEMES, KroneckerFactorization, KroneckerSum, SingularFactorError
 from .base import LayerState, Preconditioner
 
 __all__ = ["KroneckerPreconditioner", "KFAC", "KPSVD", "Deflation", "KFACCorrected", "Lanczos"]
+
+SINGULAR_RETRIES = 3
+"""Retries with 10× the damping after a SingularFactorError (λ, 10λ, 100λ, 1000λ)."""
+RETRY_MIN_DAMPING = 1e-8
+"""Damping of the first retry when the damping was 0."""
 
 
 class KroneckerPreconditioner(Preconditioner):
@@ -83,31 +87,37 @@ class KroneckerPreconditioner(Preconditioner):
         self._factorize(state, state.curvature, self.damping)
 
     def _factorize(self, state: LayerState, source: KroneckerSum, damping: float) -> None:
+        """Factorise ``source`` with ``damping`` into ``state.inverse``.
+
+        A singular damped matrix is retried with 10× the damping (at least 1e-8), up to
+        three times, with a warning each time; the factorisation records the damping it
+        was actually built with.
+        """
         lam = damping
-        for attempt in range(4):
+        fac: KroneckerFactorization | None = None
+        for attempt in range(SINGULAR_RETRIES + 1):
             try:
-                source.factorize(lam, self.damping_scheme)
+                fac = source.factorize(lam, self.damping_scheme)
                 break
             except SingularFactorError as e:
-                if attempt == 3:
+                if attempt == SINGULAR_RETRIES:
                     raise SingularFactorError(
                         f"layer {state.name!r}: cannot factorise the damped curvature even with"
                         f" damping {lam:g}: {e}"
                     ) from e
-                lam = max(lam * 10.0, 1e-8)
+                lam = max(lam * 10.0, RETRY_MIN_DAMPING)
                 warnings.warn(
                     f"layer {state.name!r}: {e}; retrying with damping {lam:g}",
                     RuntimeWarning,
                     stacklevel=4,
                 )
         state.inverse_source, state.inverse_damping = source, damping
-        state.inverse = (source, lam)
+        state.inverse = fac
 
     def _precondition(self, grads: dict[LayerState, Tensor]) -> dict[LayerState, Tensor]:
         out = {}
         for s, G in grads.items():
-            source, lam = s.inverse
-            out[s] = source.solve(G.to(source.dtype), lam, self.damping_scheme).to(G.dtype)
+            out[s] = s.inverse.solve(G).to(G.dtype)
         return out
 
     def _pack(self, curvature):
@@ -141,8 +151,11 @@ class KPSVD(KroneckerPreconditioner):
 
 
 class Deflation(KroneckerPreconditioner):
-    """Best rank-2 Kronecker approximation; ``solver="power"`` runs the paper's algorithm
-    (power iteration, then deflation). The default solver gives the same matrix."""
+    """Best rank-2 Kronecker approximation.
+
+    ``solver="power"`` runs the paper's algorithm (power iteration, then deflation); the
+    default solver gives the same matrix.
+    """
 
     method = "deflation"
 
