@@ -49,8 +49,8 @@ ALL_OPTIMIZERS = (*OPTIMIZERS, *EXTRA_FIRST_ORDER, *IDENTITY)
 # The authors' training splits (the rest of the training set is their validation set).
 PAPER_TRAIN_SIZE = {"curves": 16000, "mnist": 50000, "faces": 82800}
 
-# lr of the first-order rivals the paper does not run, chosen by the pilot grid recorded in
-# docs/results.md (short runs on MNIST, paper preset).
+# lr of the first-order rivals the paper does not run: untuned starting values (no pilot
+# grid was run yet, docs/results.md says so).
 _EXTRA_LR = {"soap": 3e-3, "shampoo": 1e-3}
 
 
