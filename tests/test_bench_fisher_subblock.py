@@ -49,7 +49,7 @@ def test_pytorch_optimizer_baselines_step(name):
     model = build_model("curves", "paper")
     h = hyper("curves", name, "paper")
     opt = make_optimizers(name, model, h).optimizer
-    assert opt.param_groups[0]["lr"] == h.lr
+    assert opt.param_groups[0]["lr"] == h.lr == {"soap": 1e-2, "shampoo": 1e-3}[name]
     x = data.make_curves(16, seed=3)
     before = [p.detach().clone() for p in model.parameters()]
     for _ in range(10 if name == "shampoo" else 2):  # Shampoo: first update at step 10
