@@ -236,3 +236,10 @@ def test_cg_that_does_not_converge_warns(monkeypatch):
     monkeypatch.setattr(factorization, "CG_MAX_ITER", 1)
     with pytest.warns(RuntimeWarning, match="conjugate gradients stopped"):
         KroneckerSum(terms).solve(torch.randn(3, 4, dtype=D), 1e-3)
+
+
+def test_support_of_no_matrices_is_a_clear_error():
+    from kronfisher.linalg.support import support
+
+    with pytest.raises(ValueError, match="at least one matrix"):
+        support()

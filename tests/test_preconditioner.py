@@ -343,6 +343,19 @@ def test_step_without_curvature_is_a_clear_error():
         pc.step()
 
 
+@pytest.mark.parametrize("cls,kind", [(kf.KFAC, "KroneckerSum"), (kf.ExactNG, "dense Tensor")])
+def test_curvature_of_the_wrong_kind_is_a_clear_error(cls, kind):
+    model = mlp()
+    pc = cls(model)
+    x, y = torch.randn(4, 5, dtype=D), torch.zeros(4, 3, dtype=D)
+    state = next(iter(pc.layers.values()))
+    state.curvature = "not a curvature"
+    with pc.collect():
+        per_example_loss(model(x), y).mean().backward()
+    with pytest.raises(TypeError, match=f"must be a {kind}, got str"):
+        pc.step()
+
+
 @pytest.mark.parametrize("method", list(CLASSES))
 def test_batch_of_one_works(method):
     model = mlp()

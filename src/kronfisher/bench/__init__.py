@@ -1,0 +1,1 @@
+"""Benchmarks: auto-encoder problems, training runs, comparisons, Fisher errors, result files."""

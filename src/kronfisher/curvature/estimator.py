@@ -122,8 +122,10 @@ class KroneckerEstimator:
 
 
 def pow2_scale(x: Tensor) -> float:
-    """2^round(log2 max|x|) as a float (1.0 for all-zero or non-finite x): dividing by it
-    is exact and brings the largest magnitude into [1/√2, √2)."""
+    """2^round(log2 max|x|) as a float (1.0 for all-zero or non-finite x).
+
+    Dividing by it is exact and brings the largest magnitude into [1/√2, √2).
+    """
     if not x.numel():
         return 1.0
     lo, hi = torch.aminmax(x)  # one pass, no |x| copy

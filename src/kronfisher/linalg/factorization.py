@@ -108,7 +108,7 @@ def _right_inverse(inv: Tensor, idx: Tensor | None, c: float, V: Tensor) -> Tens
     return out
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FactorInverses(KroneckerFactorization):
     """M = (A + c_a I) ⊗ (G + c_g I) with c_a, c_g > 0, solved as G_d⁻¹ V A_d⁻¹.
 
@@ -118,12 +118,12 @@ class FactorInverses(KroneckerFactorization):
     undamped factors (references, for ``apply`` and ``to_dense``).
     """
 
-    A: Tensor = field(repr=False, default=None)
-    G: Tensor = field(repr=False, default=None)
+    A: Tensor = field(repr=False)
+    G: Tensor = field(repr=False)
     c_a: float = 0.0
     c_g: float = 0.0
-    A_inv: Tensor = field(repr=False, default=None)
-    G_inv: Tensor = field(repr=False, default=None)
+    A_inv: Tensor = field(repr=False)
+    G_inv: Tensor = field(repr=False)
     a_idx: Tensor | None = field(repr=False, default=None)
     g_idx: Tensor | None = field(repr=False, default=None)
 
@@ -158,7 +158,7 @@ class FactorInverses(KroneckerFactorization):
         return torch.kron(Ad, Gd)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EigenFactorization(KroneckerFactorization):
     """M = (K_a⁻ᵀ ⊗ K_g⁻ᵀ) diag(vec(D)) (K_a⁻¹ ⊗ K_g⁻¹) (see the module docstring).
 
@@ -169,9 +169,9 @@ class EigenFactorization(KroneckerFactorization):
     same solve on the supports when the factors have zero coordinates.
     """
 
-    K_a: Tensor = field(repr=False, default=None)
-    K_g: Tensor = field(repr=False, default=None)
-    D: Tensor = field(repr=False, default=None)
+    K_a: Tensor = field(repr=False)
+    K_g: Tensor = field(repr=False)
+    D: Tensor = field(repr=False)
     K_a_inv: Tensor | None = field(repr=False, default=None)
     K_g_inv: Tensor | None = field(repr=False, default=None)
     metric_a: tuple[Tensor, float] | None = field(repr=False, default=None)
@@ -185,7 +185,8 @@ class EigenFactorization(KroneckerFactorization):
     @property
     def shape(self) -> tuple[int, int]:
         """(d_g, d_a): the shape of the matrices V it acts on."""
-        return tuple(self.D.shape)
+        d_g, d_a = self.D.shape
+        return d_g, d_a
 
     @property
     def dtype(self) -> torch.dtype:
@@ -224,7 +225,7 @@ class EigenFactorization(KroneckerFactorization):
         return left.mT @ (d[:, None] * left)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ConjugateGradientSolve(KroneckerFactorization):
     """M = Σ_k A_k ⊗ G_k + λ I (three or more terms), solved by conjugate gradients.
 
@@ -235,7 +236,7 @@ class ConjugateGradientSolve(KroneckerFactorization):
     """
 
     terms: list[tuple[Tensor, Tensor]] = field(repr=False, default_factory=list)
-    preconditioner: EigenFactorization | None = field(repr=False, default=None)
+    preconditioner: KroneckerFactorization = field(repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -257,7 +258,10 @@ class ConjugateGradientSolve(KroneckerFactorization):
 
     def to_dense(self) -> Tensor:
         """The (d_a·d_g)² matrix M that ``solve`` inverts."""
-        out = sum(torch.kron(A, G) for A, G in self.terms)
+        A0, G0 = self.terms[0]
+        out = torch.kron(A0, G0)
+        for A, G in self.terms[1:]:
+            out = out + torch.kron(A, G)
         return out + self.damping * torch.eye(out.shape[0], dtype=out.dtype, device=out.device)
 
     def _solve(self, V: Tensor) -> Tensor:

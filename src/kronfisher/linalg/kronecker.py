@@ -111,10 +111,10 @@ class KroneckerSum:
     def matvec(self, V: Tensor) -> Tensor:
         """(Σ A_k ⊗ G_k) vec(V) in matrix form: Σ G_k V A_kᵀ, V of shape (..., d_g, d_a)."""
         self._check_V(V)
-        out = None
-        for A, G in self._terms:
-            t = G @ V @ A.mT
-            out = t if out is None else out + t
+        A0, G0 = self._terms[0]
+        out = G0 @ V @ A0.mT
+        for A, G in self._terms[1:]:
+            out = out + G @ V @ A.mT
         return out
 
     def to_dense(self, damping: float = 0.0, scheme: DampingScheme = "tikhonov") -> Tensor:
@@ -142,7 +142,9 @@ class KroneckerSum:
             if scheme == "authors" and len(self) == 2:
                 terms[1] = (relative_abs(A, terms[1][0]), relative_abs(G, terms[1][1]))
             damping = 0.0
-        out = sum(torch.kron(A, G) for A, G in terms)
+        out = torch.kron(*terms[0])
+        for A, G in terms[1:]:
+            out = out + torch.kron(A, G)
         if damping:
             out = out + damping * eye(out.shape[0], dtype=out.dtype, device=out.device)
         return out

@@ -233,8 +233,10 @@ def nearest_kronecker(
             if solver == "power":
                 sigmas, us, vs, more, converged = power(exact, rank, starts, tol, max_iter)
             else:
-                sigmas, us, vs, more, converged = lanczos(exact, rank, sum(starts), tol,
-                                                          max_iter)
+                restart = starts[0]
+                for v in starts[1:]:
+                    restart = restart + v
+                sigmas, us, vs, more, converged = lanczos(exact, rank, restart, tol, max_iter)
             space, iters = exact, iters + more
         if not converged:
             warnings.warn(

@@ -40,11 +40,11 @@ class LayerStats:
         self.m, self.T, self.d_a = a.shape
         self.d_g = g.shape[2]
         self.pair_mask = pair_mask
-        diag = pair_mask is not None and bool(
-            torch.equal(pair_mask, torch.diag(pair_mask.diagonal()))
-        )
-        if diag and not bool((pair_mask.diagonal() == 1).all()):
-            raise ValueError("a diagonal pair_mask must have ones on its diagonal")
+        diag = False
+        if pair_mask is not None:
+            diag = bool(torch.equal(pair_mask, torch.diag(pair_mask.diagonal())))
+            if diag and not bool((pair_mask.diagonal() == 1).all()):
+                raise ValueError("a diagonal pair_mask must have ones on its diagonal")
         self.flat = self.T == 1 or diag
         self._grams: tuple[Tensor, Tensor] | None = None
         self._exact_grams: tuple[Tensor, Tensor] | None = None

@@ -27,11 +27,16 @@ def support(*xs: Tensor) -> Tensor | None:
 
     Args:
         xs: square matrices of one size n.
+
+    Raises:
+        ValueError: if ``xs`` is empty.
     """
-    cand = None  # a zero row has a zero diagonal entry: test only those rows entrywise
-    for x in xs:
-        c = x.diagonal() == 0
-        cand = c if cand is None else cand & c
+    if not xs:
+        raise ValueError("support needs at least one matrix")
+    # a zero row has a zero diagonal entry: test only those rows entrywise
+    cand = xs[0].diagonal() == 0
+    for x in xs[1:]:
+        cand = cand & (x.diagonal() == 0)
     if not bool(cand.any()):
         return None
     rows = cand.nonzero().squeeze(1)
@@ -176,9 +181,9 @@ class BlockSolve:
         P = V if self.cols is None else V.index_select(-1, self.cols)
         Ps = P if self.rows is None else P.index_select(-2, self.g.idx)
         X = Kg @ self._right(Kg.mT @ Ps, self.D_inv_ss, self.W_sz)
-        if self.rows is not None:
+        if self.inv_rows is not None:  # set exactly when self.rows is
             bottom = self._right(P.index_select(-2, self.g.zidx), self.W_zs, self.W_zz)
             X = torch.cat([X, bottom], -2).index_select(-2, self.inv_rows)
-        if self.cols is not None:
+        if self.inv_cols is not None:
             X = X.index_select(-1, self.inv_cols)
         return X

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import ADAPTERS, LayerAdapter, UnsupportedLayerError, adapter_for
+from ..linalg import KroneckerSum
 from ..linalg.kronecker import all_finite as _all_finite
 from ._checks import (
     check_curvature_shape,
@@ -61,9 +62,11 @@ class _Capture:
 
 
 class Factorization(Protocol):
-    """What a preconditioner keeps per layer to precondition with (e.g. a
-    :class:`~kronfisher.linalg.KroneckerFactorization`): built once per refresh, used by
-    every :meth:`Preconditioner.step` until the next one."""
+    """What a preconditioner keeps per layer to precondition with.
+
+    For example a :class:`~kronfisher.linalg.KroneckerFactorization`: built once per
+    refresh, used by every :meth:`Preconditioner.step` until the next one.
+    """
 
     damping: float  # the damping it was actually built with
 
@@ -75,9 +78,10 @@ class LayerState:
     name: str
     module: nn.Module
     adapter: type[LayerAdapter]
-    curvature: object | None = None  # KroneckerSum (or a dense block for ExactNG)
+    curvature: KroneckerSum | Tensor | None = None  # a dense block for ExactNG
     updates: int = 0  # number of curvature batches folded in
-    inverse_source: object | None = None  # the curvature the current inverse was built from
+    # the curvature the current inverse was built from
+    inverse_source: KroneckerSum | Tensor | None = None
     inverse: Factorization | None = None  # its factorisation, used by step()
     inverse_damping: float | None = None
     captures: list[_Capture] = field(default_factory=list)
@@ -245,6 +249,7 @@ class Preconditioner:
 
     @property
     def collecting(self) -> bool:
+        """True inside :meth:`collect` while statistics are recorded."""
         return self._collecting
 
     def _forward_hook(self, module: nn.Module, inputs, output) -> None:
@@ -283,8 +288,8 @@ class Preconditioner:
         self._fold_in_captures()
         t1 = time.perf_counter()
         self.timings["curvature"] += t1 - t0
-        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
-        bad = nonfinite_names([(n, p.grad) for n, p in named])
+        bad = nonfinite_names(
+            [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None])
         if bad:
             return self._reject(f"non-finite gradient in parameter(s) {bad}")
         grads = {}
@@ -330,8 +335,8 @@ class Preconditioner:
         for s in self.layers.values():
             for p in s.adapter.params(s.module):
                 rec = self._written.get(id(p))
-                if rec is not None and p.grad is not None and p.grad is rec[0]() and (
-                        p.grad._version == rec[1]):
+                if rec is not None and p.grad is not None and (
+                        p.grad._version == rec[1]) and p.grad is rec[0]():
                     stale.append(s.name)
                     break
         if stale:
@@ -363,7 +368,7 @@ class Preconditioner:
             if len({c.spatial for c in caps}) > 1:
                 raise ValueError(f"layer {s.name!r}: captures with different output sizes")
             a = torch.cat([c.a for c in caps])
-            g = torch.cat([c.g for c in caps])
+            g = torch.cat([c.g for c in caps if c.g is not None])  # all: caps is filtered
             if not (_all_finite(a) and _all_finite(g)):
                 if self.nonfinite == "raise":
                     raise NonFiniteError(f"non-finite curvature statistics in layer {s.name!r}")
@@ -387,8 +392,11 @@ class Preconditioner:
                     " statistics are finite but the factors overflow their dtype)")
 
     def _curvature_rejected(self, name: str, why: str, stacklevel: int = 5) -> None:
-        """Drop one layer's curvature update: raise (``nonfinite="raise"``) or warn
-        (``stacklevel`` 5: the caller of step(), past its no_grad wrapper)."""
+        """Drop one layer's curvature update: raise (``nonfinite="raise"``) or warn.
+
+        ``stacklevel`` 5 points the warning at the caller of step(), past its no_grad
+        wrapper.
+        """
         if self.nonfinite == "raise":
             raise NonFiniteError(f"layer {name!r}: {why}; curvature update not applied")
         warnings.warn(
@@ -409,6 +417,8 @@ class Preconditioner:
         if self.kl_clip_mode == "authors":
             vg = float(torch.stack(dots).abs().sum())
         else:
+            if self.lr is None:  # __init__ refuses kl_clip in mode "lr2" without lr
+                raise RuntimeError("kl_clip in mode 'lr2' needs the optimizer's lr")
             vg = float(torch.stack(dots).sum()) * self.lr**2
         if not vg > 0:
             return 1.0

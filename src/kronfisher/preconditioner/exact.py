@@ -32,8 +32,10 @@ class DenseEigh:
 
 @dataclass
 class FullFisherInverse:
-    """The eigendecomposition of the full Fisher ``source`` shared by all layers, with the
-    damping and the step it was computed at."""
+    """The eigendecomposition of the full Fisher ``source`` shared by all layers.
+
+    Kept with the damping and the step it was computed at.
+    """
 
     e: Tensor
     U: Tensor
@@ -48,9 +50,11 @@ def per_example_gradients(a: Tensor, g: Tensor) -> Tensor:
 
 
 def _scaled_jacobian(a: Tensor, g: Tensor) -> tuple[Tensor, float]:
-    """(J/c, c): per-example gradients divided by a power of two c (exact), float16 and
-    bfloat16 statistics promoted to float32 (LAPACK has no half-precision eigh), so that
-    JᵀJ cannot overflow before it is scaled back by c²."""
+    """(J/c, c): per-example gradients divided by a power of two c (exact).
+
+    float16 and bfloat16 statistics are promoted to float32 (LAPACK has no half-precision
+    eigh); the scaling keeps JᵀJ from overflowing before it is scaled back by c².
+    """
     if a.dtype in (torch.float16, torch.bfloat16):
         a, g = a.float(), g.float()
     sa, sg = pow2_scale(a), pow2_scale(g)
@@ -62,6 +66,21 @@ def _fisher(Js: list[tuple[Tensor, float]]) -> Tensor:
     c = max(s for _, s in Js)
     J = torch.cat([J * (s / c) for J, s in Js], 1) if len(Js) > 1 else Js[0][0]
     return (J.mT @ J / J.shape[0]) * (c * c)
+
+
+def _dense_curvature(state: LayerState) -> Tensor | None:
+    """The layer's curvature, which ExactNG keeps as a dense Fisher block.
+
+    Raises:
+        TypeError: the state holds another kind of curvature (not one of ours).
+    """
+    c = state.curvature
+    if c is not None and not isinstance(c, Tensor):
+        raise TypeError(
+            f"layer {state.name!r}: ExactNG's curvature must be a dense Tensor, got"
+            f" {type(c).__name__}"
+        )
+    return c
 
 
 class ExactNG(Preconditioner):
@@ -115,7 +134,7 @@ class ExactNG(Preconditioner):
             off += k
         self._full: Tensor | None = None  # full Fisher when not block-diagonal
         self._full_updates = 0
-        self._full_inverse = None
+        self._full_inverse: FullFisherInverse | None = None
 
     # -------------------------------------------------------------- curvature
     def _update_curvature(self, batch: dict[LayerState, tuple[Tensor, Tensor, tuple]]) -> None:
@@ -123,8 +142,8 @@ class ExactNG(Preconditioner):
             for s, (a, g, _) in batch.items():
                 F = _fisher([_scaled_jacobian(a, g)])
                 rho = self._decay(s)
-                s.curvature = F if s.curvature is None or rho == 0 else (
-                    rho * s.curvature + (1 - rho) * F)
+                old = _dense_curvature(s)
+                s.curvature = F if old is None or rho == 0 else rho * old + (1 - rho) * F
                 s.updates += 1
             return
         if len(batch) != len(self.layers):
@@ -154,16 +173,21 @@ class ExactNG(Preconditioner):
 
     def _refresh_inverse(self, state: LayerState) -> None:
         if self.block_diagonal:
-            self._factorize(state, state.curvature, self.damping)
+            curvature = _dense_curvature(state)
+            if curvature is None:  # step() checks this before refreshing
+                raise RuntimeError(f"layer {state.name!r} has no curvature to factorise yet")
+            self._factorize(state, curvature, self.damping)
             return
         inv = self._full_inverse
-        stale = inv is None or inv.damping != self.damping or (
-            self.steps % self.inv_update_freq == 0 and inv.step != self.steps)
-        if stale:
+        if inv is None or inv.damping != self.damping or (
+                self.steps % self.inv_update_freq == 0 and inv.step != self.steps):
+            if self._full is None:  # set together with every layer's curvature
+                raise RuntimeError("no full Fisher to factorise yet")
             e, U = torch.linalg.eigh(self._full)
             self._check_invertible("the full Fisher", e, self.damping)
-            self._full_inverse = FullFisherInverse(e, U, self._full, self.damping, self.steps)
-        state.inverse, state.inverse_source = self._full_inverse, self._full_inverse.source
+            inv = self._full_inverse = FullFisherInverse(e, U, self._full, self.damping,
+                                                         self.steps)
+        state.inverse, state.inverse_source = inv, inv.source
         state.inverse_damping = self.damping
 
     def _factorize(self, state: LayerState, source: Tensor, damping: float) -> None:
@@ -191,7 +215,14 @@ class ExactNG(Preconditioner):
 
     def _precondition(self, grads: dict[LayerState, Tensor]) -> dict[LayerState, Tensor]:
         if self.block_diagonal:
-            return {s: s.inverse.solve(G) for s, G in grads.items()}
+            out = {}
+            for s, G in grads.items():
+                if not isinstance(s.inverse, DenseEigh):  # step() refreshed it
+                    raise RuntimeError(f"layer {s.name!r} has no dense Fisher inverse")
+                out[s] = s.inverse.solve(G)
+            return out
+        if self._full_inverse is None:  # step() refreshed it
+            raise RuntimeError("no full-Fisher inverse yet")
         e, U = self._full_inverse.e, self._full_inverse.U
         v = torch.zeros(e.shape[0], dtype=e.dtype, device=e.device)
         for s, G in grads.items():

@@ -18,6 +18,21 @@ RETRY_MIN_DAMPING = 1e-8
 """Damping of the first retry when the damping was 0."""
 
 
+def _kronecker_curvature(state: LayerState) -> KroneckerSum | None:
+    """The layer's curvature, which every Kronecker method keeps as a KroneckerSum.
+
+    Raises:
+        TypeError: the state holds another kind of curvature (not one of ours).
+    """
+    c = state.curvature
+    if c is not None and not isinstance(c, KroneckerSum):
+        raise TypeError(
+            f"layer {state.name!r}: a Kronecker preconditioner's curvature must be a"
+            f" KroneckerSum, got {type(c).__name__}"
+        )
+    return c
+
+
 class KroneckerPreconditioner(Preconditioner):
     """Natural-gradient preconditioner with a Kronecker-structured curvature per layer.
 
@@ -79,12 +94,16 @@ class KroneckerPreconditioner(Preconditioner):
 
     def _update_curvature(self, batch: dict[LayerState, tuple[Tensor, Tensor, tuple]]) -> None:
         for s, (a, g, spatial) in batch.items():
-            new = self.estimator.estimate(a, g, spatial, s.curvature)
-            s.curvature = self.estimator.average(s.curvature, new, self._decay(s))
+            old = _kronecker_curvature(s)
+            new = self.estimator.estimate(a, g, spatial, old)
+            s.curvature = self.estimator.average(old, new, self._decay(s))
             s.updates += 1
 
     def _refresh_inverse(self, state: LayerState) -> None:
-        self._factorize(state, state.curvature, self.damping)
+        curvature = _kronecker_curvature(state)
+        if curvature is None:  # step() checks this before refreshing
+            raise RuntimeError(f"layer {state.name!r} has no curvature to factorise yet")
+        self._factorize(state, curvature, self.damping)
 
     def _factorize(self, state: LayerState, source: KroneckerSum, damping: float) -> None:
         """Factorise ``source`` with ``damping`` into ``state.inverse``.
@@ -117,6 +136,8 @@ class KroneckerPreconditioner(Preconditioner):
     def _precondition(self, grads: dict[LayerState, Tensor]) -> dict[LayerState, Tensor]:
         out = {}
         for s, G in grads.items():
+            if not isinstance(s.inverse, KroneckerFactorization):  # step() refreshed it
+                raise RuntimeError(f"layer {s.name!r} has no Kronecker factorisation")
             out[s] = s.inverse.solve(G).to(G.dtype)
         return out
 
