@@ -90,11 +90,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="evaluate train and test losses on the first N examples of each"
                         " (default: all)")
     p.add_argument("--threads", type=_positive_int, default=None,
-                   help="torch intra-op threads (default: torch's choice)")
+                   help="torch intra-op threads (default: $OMP_NUM_THREADS, else the"
+                        " physical cores this process may run on)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``kronfisher`` argument parser with its subcommands."""
     from .bench.problems import ALL_OPTIMIZERS, OPTIMIZERS
 
     parser = argparse.ArgumentParser(
@@ -374,7 +376,8 @@ def _demo_versus_authors(out: Path, names) -> str:
         second = {k: v for k, v in finals.items() if k in SECOND_ORDER}
         first = {k: v for k, v in finals.items() if k not in SECOND_ORDER}
         if second and first:
-            bs, bf = min(second, key=second.get), min(first, key=first.get)
+            bs = min(second, key=lambda k: second[k])
+            bf = min(first, key=lambda k: first[k])
             ahead = second[bs] < first[bf]
             lines.append(f"Same training time for every optimizer: best natural-gradient"
                          f" method {bs} {second[bs]:.4f}, best first-order {bf}"

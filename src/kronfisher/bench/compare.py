@@ -70,8 +70,10 @@ def load_result(path: Path) -> tuple[dict | None, str | None]:
 
 
 def _reusable(cfg: RunConfig, path: Path, echo) -> dict | None:
-    """The finished run at ``path`` if it can stand for ``cfg`` now; otherwise move the
-    file aside (saying why) and return None."""
+    """The finished run at ``path`` if it can stand for ``cfg`` now.
+
+    Otherwise the file is moved aside (saying why) and None is returned.
+    """
     if not path.exists() and not path.is_symlink():
         return None
     name = f"[{cfg.optimizer}]"
@@ -100,8 +102,9 @@ def _reusable(cfg: RunConfig, path: Path, echo) -> dict | None:
 
 def compare(configs: list[RunConfig], out: str | Path, train_data, test_data, *,
             progress: bool = True, echo=print) -> dict[str, dict]:
-    """Run every config (keeping finished ones found in ``out/runs``), then write
-    ``summary.md``, ``summary.json`` and the plots. Returns the results by optimizer.
+    """Run every config, then write ``summary.md``, ``summary.json`` and the plots.
+
+    Finished runs found in ``out/runs`` are kept. Returns the results by optimizer.
 
     Raises:
         OutputError: ``out`` cannot be written (checked before any training), or some
@@ -213,11 +216,12 @@ def summarise(results: dict[str, dict], reference: str = "kfac") -> dict:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        reach = "—" if r["time_to_reference"] is None else f"{r['time_to_reference']:.1f}"
+        reach_text = ("—" if r["time_to_reference"] is None
+                      else f"{r['time_to_reference']:.1f}")
         lines.append(
             f"| {r['optimizer']} | {r['status']} | {r['epochs']:.2f} | {r['wall_time']:.1f} |"
             f" {r['train_loss']:.4f} | {r['train_loss_pixel']:.5f} | {r['test_loss']:.4f} |"
-            f" {r['test_loss_pixel']:.5f} | {reach} |"
+            f" {r['test_loss_pixel']:.5f} | {reach_text} |"
         )
     lines.append("")
     lines.append("Losses: per-example NLL summed over pixels, and its per-pixel mean"

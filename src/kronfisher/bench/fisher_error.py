@@ -127,6 +127,7 @@ def fisher_error_study(problem: str, layer: int, steps: int, every: int, train_d
 
 
 def plot_fisher_errors(rows: list[dict], path: str | Path, title: str = "") -> Path | None:
+    """PNG of each method's relative error along the trajectory; None without matplotlib."""
     try:
         import matplotlib
 

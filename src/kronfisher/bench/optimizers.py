@@ -11,6 +11,7 @@ method's: clipped momentum SGD with the method's hyper-parameters.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -71,8 +72,10 @@ def kfac_trace_split(curvature: KroneckerSum, a: Tensor) -> KroneckerSum:
 
 
 class _KFACTraceSplit:
-    """Mixin for SVD-based preconditioners: every new estimate is re-split by
-    :func:`kfac_trace_split` before it enters the running average."""
+    """Mixin for SVD-based preconditioners: re-split every new estimate.
+
+    Each estimate goes through :func:`kfac_trace_split` before it enters the running average.
+    """
 
     def _update_curvature(self, batch):
         for s, (a, g, spatial) in batch.items():
@@ -124,12 +127,16 @@ def make_optimizers(name: str, model: nn.Module, h: Hyper, *, solver: str = "aut
                           weight_decay=h.weight_decay)
     if method == "sgd":
         return Optimizers(opt, None)
-    kw = dict(damping=h.damping, ema_decay=h.ema_decay, cov_update_freq=h.cov_update_freq,
-              inv_update_freq=h.inv_update_freq, kl_clip=h.kl_clip, lr=h.lr,
-              damping_scheme=h.damping_scheme, kl_clip_mode=h.kl_clip_mode)
+    if h.damping is None:
+        raise ValueError(f"optimizer {name!r} needs a damping value")
+    kw: dict[str, Any] = dict(
+        damping=h.damping, ema_decay=h.ema_decay, cov_update_freq=h.cov_update_freq,
+        inv_update_freq=h.inv_update_freq, kl_clip=h.kl_clip, lr=h.lr,
+        damping_scheme=h.damping_scheme, kl_clip_mode=h.kl_clip_mode)
     if h.factor_balance not in FACTOR_BALANCES:
         raise ValueError(f"factor_balance must be one of {FACTOR_BALANCES},"
                          f" got {h.factor_balance!r}")
+    pc: Preconditioner
     if name.startswith("identity_"):
         pc = IdentityCurvature(model, method=method, **kw)
     elif h.factor_balance == "kfac_trace" and method in ("kpsvd", "deflation", "lanczos"):

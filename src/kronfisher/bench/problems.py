@@ -62,6 +62,8 @@ def base_method(optimizer: str) -> str:
 
 @dataclass(frozen=True)
 class Problem:
+    """One auto-encoder benchmark: widths, output likelihood and the paper's batch size."""
+
     name: str
     encoder: tuple[int, ...]  # input, hidden..., code
     likelihood: str  # "bernoulli" or "gaussian"
@@ -74,6 +76,7 @@ class Problem:
 
     @property
     def n_linear(self) -> int:
+        """Number of Linear layers."""
         return len(self.sizes) - 1
 
 
@@ -206,7 +209,7 @@ def _init(lin: nn.Linear, preset: str, gen: torch.Generator) -> None:
 
 
 def per_example_loss(outputs: Tensor, x: Tensor, likelihood: str) -> Tensor:
-    """ℓᵢ: NLL of the input x under the output distribution, summed over pixels. (m,)"""
+    """ℓᵢ, shape (m,): NLL of the input x under the output distribution, summed over pixels."""
     if likelihood == "bernoulli":
         return F.binary_cross_entropy_with_logits(outputs, x, reduction="none").sum(1)
     if likelihood == "gaussian":
@@ -230,13 +233,13 @@ def constant_loss(data: Tensor, likelihood: str) -> float:
 
 
 def pixel_factor(problem: str) -> float:
-    """c with per-pixel loss = c · per-example loss: 1/pixels (BCE), 2/pixels (MSE)."""
+    """C with per-pixel loss = c · per-example loss: 1/pixels (BCE), 2/pixels (MSE)."""
     p = PROBLEMS[problem]
     return (2.0 if p.likelihood == "gaussian" else 1.0) / p.encoder[0]
 
 
 def per_pixel_loss(outputs: Tensor, x: Tensor, likelihood: str) -> Tensor:
-    """The authors' reported loss: BCE or squared error averaged over pixels. (m,)"""
+    """The authors' reported loss, shape (m,): BCE or squared error averaged over pixels."""
     if likelihood == "bernoulli":
         return F.binary_cross_entropy_with_logits(outputs, x, reduction="none").mean(1)
     return (outputs - x).square().mean(1)

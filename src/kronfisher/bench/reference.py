@@ -20,6 +20,8 @@ AUTHORS_CSV = Path(__file__).with_name("authors_minibatch_loss.csv")
 
 @dataclass(frozen=True)
 class AuthorsPoint:
+    """One point of an authors' stored curve (per-pixel minibatch loss)."""
+
     iteration: int
     loss_pixel: float  # mean over iterations i-10..i+10
     wall_time: float  # seconds, their GPU
@@ -40,15 +42,19 @@ def _table() -> dict[tuple[str, str], list[AuthorsPoint]]:
 
 
 def authors_curve(problem: str, optimizer: str) -> list[AuthorsPoint] | None:
-    """The stored curve of ``optimizer`` on ``problem`` (None if the authors ran none;
-    ``identity_<m>`` controls and SOAP/Shampoo have none). A variant label
-    ``"<optimizer>+<note>"`` (e.g. "kpsvd+kfac_trace") uses the optimizer's curve."""
+    """The authors' stored curve of ``optimizer`` on ``problem``.
+
+    None if the authors ran none (``identity_<m>`` controls and SOAP/Shampoo have none). A
+    variant label ``"<optimizer>+<note>"`` (e.g. "kpsvd+kfac_trace") uses the optimizer's curve.
+    """
     return _table().get((problem, optimizer.split("+")[0]))
 
 
 def authors_at(problem: str, optimizer: str, iteration: int) -> AuthorsPoint | None:
-    """The stored point nearest to ``iteration`` (None without a curve, or if the nearest
-    point is more than 25 iterations away)."""
+    """The stored point nearest to ``iteration``.
+
+    None without a curve, or if the nearest point is more than 25 iterations away.
+    """
     curve = authors_curve(problem, optimizer)
     if not curve:
         return None
@@ -57,8 +63,10 @@ def authors_at(problem: str, optimizer: str, iteration: int) -> AuthorsPoint | N
 
 
 def window_mean(losses: list[float], iteration: int, half: int = 10) -> float | None:
-    """Mean of ``losses`` (index 0 = iteration 1) over iterations iteration ± half, clipped
-    to the run; None if the iteration was not reached."""
+    """Mean of ``losses`` (index 0 = iteration 1) over iterations iteration ± half.
+
+    The window is clipped to the run; None if the iteration was not reached.
+    """
     if iteration < 1 or iteration > len(losses):
         return None
     lo, hi = max(0, iteration - 1 - half), min(len(losses), iteration + half)
@@ -92,22 +100,26 @@ def authors_plateau_exit(problem: str, optimizer: str, plateau: float,
 
 
 def authors_plateau(problem: str) -> float | None:
-    """The plateau of the authors' own data where it differs from ours: CURVES (their
-    generator's images), the median of their SGD curve over iterations 100–1000, where it
-    sits on the plateau. None (use our data's) for MNIST (the same images)."""
+    """The plateau of the authors' own data where it differs from ours.
+
+    CURVES (their generator's images): the median of their SGD curve over iterations
+    100–1000, where it sits on the plateau. None (use our data's) for MNIST (the same images).
+    """
     if problem != "curves":
         return None
-    vals = sorted(p.loss_pixel for p in authors_curve(problem, "sgd")
+    vals = sorted(p.loss_pixel for p in authors_curve(problem, "sgd") or []
                   if 100 <= p.iteration <= 1000)
     return vals[len(vals) // 2]
 
 
 def iteration_table(problem: str, losses: dict[str, list[float]],
                     plateau: float | None = None) -> str:
-    """Markdown: our ±10-iteration mean minibatch loss next to the authors' at
-    ``CHECKPOINTS``, the ratio ours/theirs, the plateau exits (theirs measured against
-    :func:`authors_plateau` where their data differ), and which methods match their
-    identity control."""
+    """Markdown table of our losses next to the authors' at ``CHECKPOINTS``.
+
+    Our ±10-iteration mean minibatch loss next to the authors', the ratio ours/theirs, the
+    plateau exits (theirs measured against :func:`authors_plateau` where their data
+    differ), and which methods match their identity control.
+    """
     their_plateau = authors_plateau(problem) or plateau
     lines = ["| optimizer | " + " | ".join(f"it {c}: ours / authors (ratio)" for c in CHECKPOINTS)
              + " | leaves plateau at: ours / authors |", "|---" * (len(CHECKPOINTS) + 2) + "|"]
@@ -122,7 +134,7 @@ def iteration_table(problem: str, losses: dict[str, list[float]],
                 cells.append(f"{ours:.4f} / —")
             else:
                 cells.append(f"{ours:.4f} / {ref.loss_pixel:.4f} ({ours / ref.loss_pixel:.2f})")
-        if plateau is None:
+        if plateau is None or their_plateau is None:
             exits = "—"
         else:
             ours_exit = plateau_exit(ls, plateau)
@@ -135,8 +147,8 @@ def iteration_table(problem: str, losses: dict[str, list[float]],
         control = losses.get(f"identity_{name}")
         if control is None:
             continue
-        diffs = [abs(window_mean(ls, c) / window_mean(control, c) - 1) for c in CHECKPOINTS
-                 if window_mean(ls, c) is not None and window_mean(control, c) is not None]
+        pairs = [(window_mean(ls, c), window_mean(control, c)) for c in CHECKPOINTS]
+        diffs = [abs(m / mc - 1) for m, mc in pairs if m is not None and mc is not None]
         if diffs and max(diffs) <= CONTROL_MATCH:
             notes.append(f"**{name} matches its identity control** (within"
                          f" {100 * max(diffs):.1f} % at every checkpoint): its curvature does"

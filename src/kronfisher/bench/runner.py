@@ -71,6 +71,7 @@ class RunConfig:
             raise ValueError("time_budget must be > 0 seconds")
 
     def resolved_hyper(self) -> Hyper:
+        """The preset's hyper-parameters with this config's overrides applied."""
         h = hyper(self.problem, self.optimizer, self.preset)
         over = {k: getattr(self, k) for k in ("lr", "damping", "batch_size", "cov_update_freq",
                                               "inv_update_freq", "reseed_layers",
@@ -81,9 +82,11 @@ class RunConfig:
 
 
 def split_train(train_data: Tensor, size: int | None) -> Tensor:
-    """The preset's training split: ``size`` images drawn by a fixed-seed permutation (the
-    rest is the authors' validation set); all of them when ``size`` is None or at least the
-    set's length (small stand-in data)."""
+    """The preset's training split: ``size`` images drawn by a fixed-seed permutation.
+
+    The rest is the authors' validation set; all images are kept when ``size`` is None or at
+    least the set's length (small stand-in data).
+    """
     if size is None or size >= len(train_data):
         return train_data
     perm = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(SPLIT_SEED))
