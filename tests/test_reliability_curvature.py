@@ -78,6 +78,27 @@ def test_overflowing_factors_skip_that_layer_and_keep_the_average(nonfinite):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_raise_mode_restores_every_overflowing_layer_before_raising():
+    """No tanh in between: ×1e20 inputs overflow both layers' factors. "raise" must leave
+    neither layer's running average NaN (it used to restore only the first one)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+    pc = kf.KFAC(model, damping=1e-3, nonfinite="raise")
+    x = torch.randn(16, 6)
+    _curvature_batch(pc, model, x)
+    _grad_batch(model, x)
+    assert pc.step()
+    kept = {n: [t.clone() for t in s.curvature.terms[0]] for n, s in pc.layers.items()}
+    _curvature_batch(pc, model, x, scale=1e20)
+    _grad_batch(model, x)
+    with pytest.raises(kf.NonFiniteError, match="layer '0'"):
+        pc.step()
+    for n, s in pc.layers.items():
+        assert s.updates == 1, n
+        for t, k in zip(s.curvature.terms[0], kept[n]):
+            assert torch.equal(t, k), n
+
+
 @pytest.mark.parametrize("method", ["kfac", *SVD_METHODS])
 def test_large_inputs_give_the_scaled_approximation(method):
     """×1e12 inputs in float32: the SVD solvers' Gram products (∝ scale⁴ = 1e48) would

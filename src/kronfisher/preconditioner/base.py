@@ -370,26 +370,21 @@ class Preconditioner:
             a = torch.cat([c.a for c in caps])
             g = torch.cat([c.g for c in caps if c.g is not None])  # all: caps is filtered
             if not (_all_finite(a) and _all_finite(g)):
-                if self.nonfinite == "raise":
-                    raise NonFiniteError(f"non-finite curvature statistics in layer {s.name!r}")
-                warnings.warn(
-                    f"non-finite curvature statistics in layer {s.name!r}: curvature update"
-                    " skipped for this layer",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+                self._curvature_rejected(s.name, "non-finite curvature statistics")
                 continue
             batch[s] = (a, g, caps[0].spatial)
         if not batch:
             return
         before = {s: (s.curvature, s.updates) for s in batch}
         self._update_curvature(batch)
-        for s, (old, updates) in before.items():
-            if s.curvature is not old and not curvature_finite(s.curvature):
-                s.curvature, s.updates = old, updates  # the running average stays as it was
-                self._curvature_rejected(
-                    s.name, "the curvature built from its statistics is not finite (the"
-                    " statistics are finite but the factors overflow their dtype)")
+        overflowed = [s for s, (old, _) in before.items()
+                      if s.curvature is not old and not curvature_finite(s.curvature)]
+        for s in overflowed:  # restore every layer before reporting: "raise" stops at the first
+            s.curvature, s.updates = before[s]  # the running average stays as it was
+        for s in overflowed:
+            self._curvature_rejected(
+                s.name, "the curvature built from its statistics is not finite (the"
+                " statistics are finite but the factors overflow their dtype)")
 
     def _curvature_rejected(self, name: str, why: str, stacklevel: int = 5) -> None:
         """Drop one layer's curvature update: raise (``nonfinite="raise"``) or warn.
