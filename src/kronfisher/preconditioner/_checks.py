@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from torch import Tensor
 
@@ -10,7 +12,10 @@ from ..linalg.kronecker import all_finite
 
 _LOW = (torch.float16, torch.bfloat16)
 
-__all__ = ["nonfinite_names", "curvature_finite", "check_curvature_shape", "grad_matrix_shape"]
+__all__ = ["nonfinite_names", "curvature_finite", "check_curvature_shape", "grad_matrix_shape",
+           "typed_curvature"]
+
+C = TypeVar("C")
 
 
 def nonfinite_names(named: list[tuple[str, Tensor]]) -> list[str]:
@@ -63,3 +68,23 @@ def grad_matrix_shape(s) -> tuple[int, int]:
     w = s.module.weight
     bias = getattr(s.module, "bias", None)
     return w.shape[0], w[0].numel() + (1 if bias is not None else 0)
+
+
+def typed_curvature(state, kind: type[C], owner: str, kind_name: str) -> C | None:
+    """A layer's curvature (None before the first update), checked to be a ``kind``.
+
+    Args:
+        state: the layer's ``LayerState``.
+        kind: the class this preconditioner keeps its curvature as.
+        owner, kind_name: for the message, e.g. "ExactNG's", "dense Tensor".
+
+    Raises:
+        TypeError: the state holds another kind of curvature (not one of ours).
+    """
+    c = state.curvature
+    if c is not None and not isinstance(c, kind):
+        raise TypeError(
+            f"layer {state.name!r}: {owner} curvature must be a {kind_name}, got"
+            f" {type(c).__name__}"
+        )
+    return c

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..curvature.estimator import pow2_scale
 from ..linalg import SingularFactorError
 from ..linalg.kronecker import all_finite
+from ._checks import typed_curvature
 from .base import LayerState, Preconditioner
 
 __all__ = ["ExactNG", "per_example_gradients", "DenseEigh", "FullFisherInverse"]
@@ -69,18 +70,8 @@ def _fisher(Js: list[tuple[Tensor, float]]) -> Tensor:
 
 
 def _dense_curvature(state: LayerState) -> Tensor | None:
-    """The layer's curvature, which ExactNG keeps as a dense Fisher block.
-
-    Raises:
-        TypeError: the state holds another kind of curvature (not one of ours).
-    """
-    c = state.curvature
-    if c is not None and not isinstance(c, Tensor):
-        raise TypeError(
-            f"layer {state.name!r}: ExactNG's curvature must be a dense Tensor, got"
-            f" {type(c).__name__}"
-        )
-    return c
+    """The layer's curvature, which ExactNG keeps as a dense Fisher block."""
+    return typed_curvature(state, Tensor, "ExactNG's", "dense Tensor")
 
 
 class ExactNG(Preconditioner):
