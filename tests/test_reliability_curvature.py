@@ -188,3 +188,36 @@ def test_exact_ng_singular_block_without_damping_names_the_layer():
         pc.step()
     pc.damping = 1e-3
     assert pc.step()
+
+
+@pytest.mark.parametrize("block_diagonal", [True, False])
+def test_exact_ng_float32_eigh_failure_is_retried_in_float64(monkeypatch, block_diagonal):
+    """ExactNG's dense eigh goes through the library's fallback (it used to raise)."""
+    import kronfisher.linalg.numerics as numerics
+
+    real = torch.linalg.eigh
+
+    def failing(x):
+        if x.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("simulated syevd failure")
+        return real(x)
+
+    model = _mlp()
+    pc = kf.ExactNG(model, damping=0.1, block_diagonal=block_diagonal)  # cond ≲ 1e2
+    x = torch.randn(16, 6)
+    _curvature_batch(pc, model, x)
+    _grad_batch(model, x)
+    free = {n: p.grad.clone() for n, p in model.named_parameters()}
+    monkeypatch.setattr(numerics, "_warned", set())
+    monkeypatch.setattr(torch.linalg, "eigh", failing)
+    with pytest.warns(RuntimeWarning, match="retrying in float64"):
+        assert pc.step()
+    if block_diagonal:  # each layer: vec([W b]) ← (F + λI)⁻¹ vec([W b]), as in float64
+        for s in pc.layers.values():
+            F = s.curvature.double()
+            g = torch.cat([free[f"{s.name}.weight"].mT.reshape(-1), free[f"{s.name}.bias"]])
+            want = torch.linalg.solve(F + 0.1 * torch.eye(F.shape[0], dtype=F.dtype),
+                                      g.double())
+            got = torch.cat([s.module.weight.grad.mT.reshape(-1), s.module.bias.grad])
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -7,8 +7,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from ..linalg import KroneckerSum
-from ..linalg.kronecker import all_finite
+from ..linalg import KroneckerSum, all_finite
 
 _LOW = (torch.float16, torch.bfloat16)
 

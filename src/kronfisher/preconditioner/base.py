@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..layers import ADAPTERS, LayerAdapter, UnsupportedLayerError, adapter_for
 from ..linalg import KroneckerSum
-from ..linalg.kronecker import all_finite as _all_finite
+from ..linalg import all_finite as _all_finite
 from ._checks import (
     check_curvature_shape,
     curvature_finite,
