@@ -472,7 +472,8 @@ class Preconditioner:
 
         Raises:
             ValueError: other layer names, or a layer whose saved curvature does not fit
-                this model's layer (checked for every layer before anything is changed).
+                this model's layer or is not finite (checked for every layer before
+                anything is changed).
         """
         names = set(state["layers"])
         if names != set(self.layers):
@@ -482,8 +483,15 @@ class Preconditioner:
         for name, d in state["layers"].items():
             s = self.layers[name]
             d_g, d_a = grad_matrix_shape(s)
-            if d.get("curvature") is not None:
-                check_curvature_shape(name, self._unpack(d["curvature"]), d_g, d_a)
+            for key in ("curvature", "inverse_source"):
+                if d.get(key) is None:
+                    continue
+                c = self._unpack(d[key])
+                if key == "curvature":  # ExactNG's full-Fisher inverse source spans all layers
+                    check_curvature_shape(name, c, d_g, d_a)
+                if not curvature_finite(c):
+                    raise ValueError(f"state_dict layer {name!r}: the saved {key} has NaN or"
+                                     " Inf entries (saved from a diverged run?)")
         for k, v in state["hyper"].items():
             setattr(self, k, v)
         self.steps = state["steps"]
