@@ -20,11 +20,28 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def _nonnegative_float(s: str) -> float:
+    v = float(s)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
 def _positive_int(s: str) -> int:
     v = int(s)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
     return v
+
+
+def _sub_block(s: str) -> tuple[int, int]:
+    try:
+        k_out, k_in = (int(v) for v in s.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected OUT,IN (two integers), got {s!r}") from e
+    if k_out < 1 or k_in < 1:
+        raise argparse.ArgumentTypeError(f"OUT and IN must be >= 1, got {s}")
+    return k_out, k_in
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -39,6 +56,23 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="train for this many epochs")
     p.add_argument("--time-budget", type=_positive_float, default=None, metavar="S",
                    help="train for at most S seconds of wall-clock time (evaluation excluded)")
+    p.add_argument("--iterations", type=_positive_int, default=None, metavar="N",
+                   help="stop after N optimizer steps (with --epochs/--time-budget: whichever"
+                        " comes first)")
+    p.add_argument("--reseed-layers", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-seed the RNG before each layer's initialisation, as the authors"
+                        " do (default: on for --preset paper, off for classic)")
+    p.add_argument("--damping-scheme", default=None,
+                   choices=["tikhonov", "factored", "factored_pi1", "authors"],
+                   help="override the damping scheme (default: the preset's; paper: authors)")
+    p.add_argument("--weight-decay", type=_nonnegative_float, default=None, metavar="WD",
+                   help="override the weight decay (paper preset: 1e-3 for the"
+                        " preconditioned methods, 0 for the first-order baselines)")
+    p.add_argument("--factor-balance", default=None, choices=["sqrt_sigma", "kfac_trace"],
+                   help="split of σ between the SVD methods' first-term factors: sqrt_sigma"
+                        " (‖A‖ = ‖G‖, default) or kfac_trace (tr A = tr A_KFAC)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device for the run, e.g. cuda (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and init")
     p.add_argument("--lr", type=_positive_float, default=None, help="override the learning rate")
     p.add_argument("--damping", type=_positive_float, default=None,
@@ -61,7 +95,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench.problems import OPTIMIZERS
+    from .bench.problems import ALL_OPTIMIZERS, OPTIMIZERS
 
     parser = argparse.ArgumentParser(
         prog="kronfisher",
@@ -75,10 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train one auto-encoder with one optimizer and print the"
                                    " losses; optionally write the run record as JSON/CSV.")
     _add_run_options(t)
-    t.add_argument("--optimizer", choices=OPTIMIZERS, default="kpsvd",
-                   help="optimizer (default: kpsvd)")
+    t.add_argument("--optimizer", choices=ALL_OPTIMIZERS, default="kpsvd",
+                   help="optimizer (default: kpsvd); identity_<method> is <method> with the"
+                        " curvature replaced by the identity (a control)")
     t.add_argument("--out", type=Path, default=None,
-                   help="folder for run.json and run.csv (default: print only)")
+                   help="folder for run.json, run.csv (per evaluation) and iterations.csv"
+                        " (per step) (default: print only)")
 
     c = sub.add_parser("compare", help="several optimizers under the same budget",
                        description="Train every optimizer on the same data and seed under the"
@@ -87,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    " a killed compare resumes where it stopped.")
     _add_run_options(c)
     c.add_argument("--optimizers", default=",".join(OPTIMIZERS),
-                   help=f"comma-separated list (default: {','.join(OPTIMIZERS)})")
+                   help=f"comma-separated list from {','.join(ALL_OPTIMIZERS)}"
+                        f" (default: {','.join(OPTIMIZERS)})")
     c.add_argument("--out", type=Path, required=True, help="output folder")
 
     f = sub.add_parser("fisher-error", help="approximation error against the exact Fisher",
@@ -110,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--max-dim", type=_positive_int, default=8000,
                    help="refuse layers with more parameters than this (dense Fisher)")
+    f.add_argument("--sub-block", type=_sub_block, default=None, metavar="OUT,IN",
+                   help="study the block of the first OUT output units and first IN inputs"
+                        " (and their biases) of the layer instead of the whole layer")
     f.add_argument("--out", type=Path, required=True, help="output folder")
 
     d = sub.add_parser("demo", help="the main job: compare all optimizers on CURVES (~5 min)",
@@ -147,6 +187,9 @@ def _config(args, optimizer: str):
         batch_size=args.batch_size, cov_update_freq=args.cov_update_freq,
         inv_update_freq=args.inv_update_freq, solver=args.solver,
         train_subset=args.train_subset, eval_subset=args.eval_subset,
+        iterations=args.iterations, reseed_layers=args.reseed_layers, device=args.device,
+        damping_scheme=args.damping_scheme, factor_balance=args.factor_balance,
+        weight_decay=args.weight_decay,
     )
 
 
@@ -161,7 +204,7 @@ def _cmd_train(args) -> int:
     )
     from .bench.runner import train
 
-    if args.epochs is None and args.time_budget is None:
+    if args.epochs is None and args.time_budget is None and args.iterations is None:
         args.epochs = 1.0
     cfg = _config(args, args.optimizer)
     if args.out:
@@ -181,20 +224,24 @@ def _cmd_train(args) -> int:
 
     res = train(cfg, tr, te, progress=not args.no_progress, log=log)
     print(f"{args.optimizer} on {args.problem}: {res['status']}")
+    iterations = res.pop("iterations", None)  # None: a record from elsewhere (tests)
     if args.out:
         from . import __version__
 
         res["kronfisher_version"] = __version__
-        for name in ("run.json", "run.csv"):  # an earlier run's files are kept, renamed
+        names = ("run.json", "run.csv") + (("iterations.csv",) if iterations is not None else ())
+        for name in names:  # an earlier run's files are kept, renamed
             if (args.out / name).exists():
                 print(f"kept the earlier {name} as {move_aside(args.out / name, 'old').name}")
         wrote = [save_json(args.out / "run.json", res),
                  save_text(args.out / "run.csv", csv_text(res["history"]))]
-        if wrote != [args.out / "run.json", args.out / "run.csv"]:
+        if iterations is not None:
+            wrote.append(save_text(args.out / "iterations.csv", csv_text(iterations)))
+        if wrote != [args.out / name for name in names]:
             print(f"kronfisher train: could not write the run to {args.out}; kept as said"
                   " above", file=sys.stderr)
             return 1
-        print(f"wrote {args.out / 'run.json'} and run.csv")
+        print(f"wrote {args.out / 'run.json'}, " + " and ".join(names[1:]))
     return 0 if res["status"] == "complete" else 1
 
 
@@ -202,16 +249,17 @@ def _cmd_compare(args) -> int:
     from .bench.compare import compare, summarise
     from .bench.io import OutputError, check_writable_dir
     from .bench.lock import FolderLockedError
-    from .bench.problems import OPTIMIZERS
+    from .bench.problems import ALL_OPTIMIZERS
 
     names = [s.strip() for s in args.optimizers.split(",") if s.strip()]
-    bad = [n for n in names if n not in OPTIMIZERS]
+    bad = [n for n in names if n not in ALL_OPTIMIZERS]
     if bad or not names:
-        print(f"kronfisher compare: unknown optimizer(s) {bad}; choose from {OPTIMIZERS}",
+        print(f"kronfisher compare: unknown optimizer(s) {bad}; choose from {ALL_OPTIMIZERS}",
               file=sys.stderr)
         return 2
-    if args.epochs is None and args.time_budget is None:
-        print("kronfisher compare: give --epochs or --time-budget", file=sys.stderr)
+    if args.epochs is None and args.time_budget is None and args.iterations is None:
+        print("kronfisher compare: give --epochs, --time-budget or --iterations",
+              file=sys.stderr)
         return 2
     configs = [_config(args, n) for n in names]
     try:
@@ -258,7 +306,8 @@ def _cmd_fisher_error(args) -> int:
     try:
         rows = fisher_error_study(args.problem, args.layer, args.steps, args.every, tr,
                                   m=args.batch, lr=args.lr, seed=args.seed,
-                                  preset=args.preset, max_dim=args.max_dim, log=log)
+                                  preset=args.preset, max_dim=args.max_dim, log=log,
+                                  sub_block=args.sub_block)
     except ValueError as e:
         print(f"kronfisher fisher-error: {e}", file=sys.stderr)
         return 2
@@ -274,9 +323,10 @@ def _cmd_fisher_error(args) -> int:
 def _cmd_demo(args) -> int:
     from .bench.problems import OPTIMIZERS
 
-    print(f"kronfisher demo: all {len(OPTIMIZERS)} optimizers on CURVES, {args.time_budget:g} s"
-          f" of training each (about {len(OPTIMIZERS) * args.time_budget / 60:.0f} min plus"
-          " evaluation); results in", args.out, flush=True)
+    print(f"kronfisher demo: all {len(OPTIMIZERS)} optimizers on CURVES (paper preset: the"
+          f" authors' protocol), {args.time_budget:g} s of training each (about"
+          f" {len(OPTIMIZERS) * args.time_budget / 60:.0f} min plus evaluation); results in",
+          args.out, flush=True)
     t0 = time.time()
     argv = ["compare", "--problem", "curves", "--optimizers", ",".join(OPTIMIZERS),
             "--time-budget", str(args.time_budget), "--out", str(args.out)]
@@ -285,8 +335,52 @@ def _cmd_demo(args) -> int:
     rc = main(argv)
     if rc == 130:  # interrupted: compare said what was kept
         return rc
+    if rc == 0:
+        print(_demo_versus_authors(args.out, OPTIMIZERS))
     print(f"demo finished in {time.time() - t0:.0f} s")
     return rc
+
+
+def _demo_versus_authors(out: Path, names) -> str:
+    """Our last ±10-iteration mean minibatch loss next to the authors' at that iteration."""
+    import csv
+
+    from .bench.problems import SECOND_ORDER
+    from .bench.reference import authors_at, window_mean
+
+    finals: dict[str, float] = {}
+    lines = ["Per-pixel minibatch training loss at our last iteration (mean over ±10"
+             " iterations) next to the authors' stored run at the same iteration:",
+             f"{'optimizer':16s} {'iterations':>10s} {'ours':>8s} {'authors':>8s}"
+             f" {'ratio':>6s} {'authors s':>9s}"]
+    for name in names:
+        path = out / "runs" / f"{name}.iterations.csv"
+        if not path.exists():
+            continue
+        with open(path) as f:
+            losses = [float(r["minibatch_loss_pixel"]) for r in csv.DictReader(f)]
+        it = len(losses)
+        ours = window_mean(losses, it)
+        if ours is not None:
+            finals[name] = ours
+        ref = authors_at("curves", name, it)
+        if ours is None or ref is None:
+            lines.append(f"{name:16s} {it:10d} {ours or float('nan'):8.4f} {'—':>8s}")
+            continue
+        lines.append(f"{name:16s} {it:10d} {ours:8.4f} {ref.loss_pixel:8.4f}"
+                     f" {ours / ref.loss_pixel:6.2f} {ref.wall_time:9.1f}")
+    lines.append("(authors s: their wall time to that iteration, on their GPU)")
+    if finals:
+        second = {k: v for k, v in finals.items() if k in SECOND_ORDER}
+        first = {k: v for k, v in finals.items() if k not in SECOND_ORDER}
+        if second and first:
+            bs, bf = min(second, key=second.get), min(first, key=first.get)
+            ahead = second[bs] < first[bf]
+            lines.append(f"Same training time for every optimizer: best natural-gradient"
+                         f" method {bs} {second[bs]:.4f}, best first-order {bf}"
+                         f" {first[bf]:.4f} — natural gradient "
+                         + ("ahead." if ahead else "NOT ahead in this budget."))
+    return "\n".join(lines)
 
 
 def _cmd_data(args) -> int:

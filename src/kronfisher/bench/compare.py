@@ -134,6 +134,10 @@ def _compare_locked(configs, out: Path, train_data, test_data, progress, echo):
         res = train(cfg, train_data, test_data, progress=progress)
         res["signature"] = _signature(cfg)
         res["kronfisher_version"] = _version()
+        # per-step rows go to their own CSV (iteration,wall_time,minibatch_loss_pixel)
+        iterations = res.pop("iterations", None)  # None: a record from elsewhere (tests)
+        if iterations is not None:
+            save(out / "runs" / f"{cfg.optimizer}.iterations.csv", csv_text(iterations))
         save(path, json.dumps(res, indent=1, sort_keys=True) + "\n")
         save(out / "runs" / f"{cfg.optimizer}.csv", csv_text(res["history"]))
         f = res["final"]
@@ -144,7 +148,7 @@ def _compare_locked(configs, out: Path, train_data, test_data, progress, echo):
     summary = summarise(results)
     if save_json(out / "summary.json", summary["rows"], echo=echo) != out / "summary.json":
         rescued.append("summary.json")
-    save(out / "summary.md", summary["markdown"])
+    save(out / "summary.md", summary["markdown"] + _iteration_section(results, out, train_data))
     try:
         plot_runs(results, out)
     except OSError as e:
@@ -153,6 +157,28 @@ def _compare_locked(configs, out: Path, train_data, test_data, progress, echo):
         raise OutputError(f"could not write every file in {out}; kept elsewhere:"
                           f" {'; '.join(rescued)}")
     return results
+
+
+def _iteration_section(results: dict[str, dict], out: Path, train_data) -> str:
+    """Per-iteration comparison with the authors' stored runs (from runs/*.iterations.csv)."""
+    import csv
+
+    from .problems import constant_loss
+    from .reference import iteration_table
+
+    losses = {}
+    for name in results:
+        path = out / "runs" / f"{name}.iterations.csv"
+        if path.exists():
+            with open(path) as f:
+                losses[name] = [float(r["minibatch_loss_pixel"]) for r in csv.DictReader(f)]
+    if not losses:
+        return ""
+    problem = next(iter(results.values()))["config"]["problem"]
+    plateau = constant_loss(train_data, PROBLEMS[problem].likelihood)
+    return ("\n## Per iteration, next to the authors' stored runs\n\nPer-pixel minibatch"
+            " training loss (before the update), mean over iterations i−10 … i+10.\n\n"
+            + iteration_table(problem, losses, plateau))
 
 
 def time_to_reach(history: list[dict], target: float) -> float | None:

@@ -73,10 +73,15 @@ def ordering_violations(errs: dict[str, dict[str, float]], slack: float = 1e-9) 
 
 def fisher_error_study(problem: str, layer: int, steps: int, every: int, train_data: Tensor, *,
                        m: int | None = None, lr: float = 1e-3, seed: int = 0,
-                       preset: str = "paper", max_dim: int = 8000, log=None) -> list[dict]:
+                       preset: str = "paper", max_dim: int = 8000, log=None,
+                       sub_block: tuple[int, int] | None = None) -> list[dict]:
     """Run Adam for ``steps`` steps; measure every ``every`` steps (and at step 0).
 
-    ``layer`` counts Linear layers from 1. Returns one row per (step, method).
+    ``layer`` counts Linear layers from 1. ``sub_block=(k_out, k_in)`` restricts the study
+    to the weights of the first k_out output units from the first k_in inputs, plus their
+    biases: that block of the Fisher is the one built from (a[:, :k_in], 1) and g[:, :k_out],
+    so every method is compared on it exactly as on a whole layer. Returns one row per
+    (step, method).
     """
     p = PROBLEMS[problem]
     torch.manual_seed(seed)
@@ -85,11 +90,15 @@ def fisher_error_study(problem: str, layer: int, steps: int, every: int, train_d
     if not 1 <= layer <= len(linears):
         raise ValueError(f"--layer must be in 1..{len(linears)} for {problem}, got {layer}")
     mod = linears[layer - 1]
-    dim = (mod.in_features + 1) * mod.out_features
+    k_out, k_in = sub_block or (mod.out_features, mod.in_features)
+    if not (1 <= k_out <= mod.out_features and 1 <= k_in <= mod.in_features):
+        raise ValueError(f"sub-block ({k_out}, {k_in}) must fit layer {layer}'s"
+                         f" ({mod.out_features} outputs, {mod.in_features} inputs)")
+    dim = (k_in + 1) * k_out
     if dim > max_dim:
         raise ValueError(
             f"layer {layer} of {problem} has {dim} parameters: the dense Fisher would be"
-            f" {dim}×{dim}; pick a smaller layer or raise --max-dim"
+            f" {dim}×{dim}; pick a smaller layer, a --sub-block or raise --max-dim"
         )
     m = m or p.batch_size
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -100,6 +109,8 @@ def fisher_error_study(problem: str, layer: int, steps: int, every: int, train_d
         x = train_data[idx]
         if step % every == 0:
             a, g = capture_layer_stats(model, mod, x[:m], p.likelihood)
+            if sub_block:
+                a, g = torch.cat([a[:, :k_in], a[:, -1:]], 1), g[:, :k_out]
             errs = fisher_errors(a, g)
             bad = ordering_violations(errs)
             for method, e in errs.items():

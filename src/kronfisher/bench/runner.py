@@ -11,22 +11,23 @@ import torch
 from torch import Tensor
 
 from ..losses import sampled_nll
-from ..preconditioner import KFAC, KPSVD, Deflation, KFACCorrected, Lanczos
+from .optimizers import PRECONDITIONERS, make_optimizers
 from .problems import (
-    OPTIMIZERS,
+    ALL_OPTIMIZERS,
     PROBLEMS,
-    SECOND_ORDER,
     Hyper,
     build_model,
     hyper,
     per_example_loss,
     per_pixel_loss,
+    pixel_factor,
 )
 
-__all__ = ["RunConfig", "train", "evaluate", "PRECONDITIONERS"]
+__all__ = ["RunConfig", "train", "evaluate", "split_train", "PRECONDITIONERS",
+           "ITERATION_FIELDS"]
 
-PRECONDITIONERS = {"kfac": KFAC, "kpsvd": KPSVD, "deflation": Deflation,
-                   "kfac_corrected": KFACCorrected, "lanczos": Lanczos}
+ITERATION_FIELDS = ("iteration", "wall_time", "minibatch_loss_pixel")
+SPLIT_SEED = 0  # the train/validation split is the same for every run seed
 
 
 @dataclass
@@ -39,6 +40,7 @@ class RunConfig:
     seed: int = 0
     epochs: float | None = None
     time_budget: float | None = None  # seconds of training (evaluation excluded)
+    iterations: int | None = None  # stop after this many optimizer steps
     lr: float | None = None
     damping: float | None = None
     batch_size: int | None = None
@@ -47,14 +49,22 @@ class RunConfig:
     solver: str = "auto"
     train_subset: int | None = None  # use only the first n training examples
     eval_subset: int | None = None  # evaluate on the first n train (and test) examples
+    reseed_layers: bool | None = None  # None: the preset's choice
+    device: str = "cpu"
+    damping_scheme: str | None = None  # None: the preset's choice
+    factor_balance: str | None = None  # None: the preset's choice
+    weight_decay: float | None = None  # None: the preset's choice
 
     def __post_init__(self):
         if self.problem not in PROBLEMS:
             raise ValueError(f"unknown problem {self.problem!r}; choose from {tuple(PROBLEMS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {OPTIMIZERS}")
-        if self.epochs is None and self.time_budget is None:
-            raise ValueError("give epochs or time_budget (or both)")
+        if self.optimizer not in ALL_OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from"
+                             f" {ALL_OPTIMIZERS}")
+        if self.epochs is None and self.time_budget is None and self.iterations is None:
+            raise ValueError("give epochs, time_budget or iterations")
+        if self.iterations is not None and self.iterations < 1:
+            raise ValueError("iterations must be >= 1")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError("epochs must be > 0")
         if self.time_budget is not None and self.time_budget <= 0:
@@ -63,8 +73,21 @@ class RunConfig:
     def resolved_hyper(self) -> Hyper:
         h = hyper(self.problem, self.optimizer, self.preset)
         over = {k: getattr(self, k) for k in ("lr", "damping", "batch_size", "cov_update_freq",
-                                              "inv_update_freq") if getattr(self, k) is not None}
+                                              "inv_update_freq", "reseed_layers",
+                                              "damping_scheme", "factor_balance",
+                                              "weight_decay")
+                if getattr(self, k) is not None}
         return replace(h, **over)
+
+
+def split_train(train_data: Tensor, size: int | None) -> Tensor:
+    """The preset's training split: ``size`` images drawn by a fixed-seed permutation (the
+    rest is the authors' validation set); all of them when ``size`` is None or at least the
+    set's length (small stand-in data)."""
+    if size is None or size >= len(train_data):
+        return train_data
+    perm = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    return train_data[perm[:size].sort().values]
 
 
 @dataclass
@@ -109,76 +132,96 @@ def train(cfg: RunConfig, train_data: Tensor, test_data: Tensor, *, progress: bo
 
     The training and test losses are evaluated on the whole sets (or their first
     ``eval_subset`` examples) after every epoch and at the end; ``wall_time`` counts
-    training only, not evaluation.
+    training only, not evaluation. Each history row also has
+    ``train_loss_pixel_minibatch_mean``: the mean of the per-pixel minibatch losses of the
+    steps since the previous row (the authors' reported "training loss"; None at epoch 0).
+    ``record["iterations"]`` has one row per step (``ITERATION_FIELDS``): iteration
+    (from 1), training wall time after the step, and the per-pixel loss of that step's
+    minibatch before the update.
     """
     h = cfg.resolved_hyper()
     p = PROBLEMS[cfg.problem]
+    device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.problem, cfg.preset, seed=cfg.seed)
+    model = build_model(cfg.problem, cfg.preset, seed=cfg.seed,
+                        reseed_layers=h.reseed_layers).to(device)
     if cfg.train_subset:
         train_data = train_data[: cfg.train_subset]
+    else:
+        train_data = split_train(train_data, h.train_size)
     eval_train = train_data[: cfg.eval_subset] if cfg.eval_subset else train_data
     eval_test = test_data[: cfg.eval_subset] if cfg.eval_subset else test_data
+    train_data, eval_train, eval_test = (t.to(device) for t in (train_data, eval_train,
+                                                                eval_test))
     n = len(train_data)
     bs = min(h.batch_size, n)
-    steps_per_epoch = max(n // bs, 1)
+    steps_per_epoch = math.ceil(n / bs) if h.partial_last_batch else max(n // bs, 1)
 
-    if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=h.lr, weight_decay=h.weight_decay)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=h.lr, momentum=h.momentum,
-                              weight_decay=h.weight_decay)
-    pc = None
-    if cfg.optimizer in SECOND_ORDER:
-        pc = PRECONDITIONERS[cfg.optimizer](
-            model, damping=h.damping, ema_decay=h.ema_decay, cov_update_freq=h.cov_update_freq,
-            inv_update_freq=h.inv_update_freq, kl_clip=h.kl_clip, lr=h.lr, solver=cfg.solver,
-        )
+    built = make_optimizers(cfg.optimizer, model, h, solver=cfg.solver)
+    opt, pc = built.optimizer, built.preconditioner
     n_curv = max(1, int(round(bs * h.curvature_fraction)))
+    px = pixel_factor(cfg.problem)
 
     history: list[dict] = []
+    iterations: list[dict] = []
     phases = _Phases()
     wall = 0.0
     status = "complete"
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    max_steps = None if cfg.epochs is None else int(math.ceil(cfg.epochs * steps_per_epoch))
+    limits = [s for s in (None if cfg.epochs is None
+                          else int(math.ceil(cfg.epochs * steps_per_epoch)), cfg.iterations)
+              if s is not None]
+    max_steps = min(limits) if limits else None
     bar = _progress(max_steps, progress)
     step = 0
+    since_record: list[float] = []
 
     def record(epoch: float) -> dict:
         tr, tr_px = evaluate(model, eval_train, p.likelihood)
         te, te_px = evaluate(model, eval_test, p.likelihood)
+        mb = sum(since_record) / len(since_record) if since_record else None
+        since_record.clear()
         row = {"epoch": round(epoch, 4), "step": step, "wall_time": wall, "train_loss": tr,
-               "train_loss_pixel": tr_px, "test_loss": te, "test_loss_pixel": te_px}
+               "train_loss_pixel": tr_px, "train_loss_pixel_minibatch_mean": mb,
+               "test_loss": te, "test_loss_pixel": te_px}
         history.append(row)
         if log:
             log(row)
         return row
 
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     record(0.0)
     done = False
     while not done:
-        perm = torch.randperm(n, generator=gen)
+        perm = torch.randperm(n, generator=gen).to(device)
         for b in range(steps_per_epoch):
             x = train_data[perm[b * bs:(b + 1) * bs]]
+            sync()
             t0 = time.perf_counter()
             if pc is not None and pc.steps % h.cov_update_freq == 0:
                 opt.zero_grad(set_to_none=True)
                 with pc.collect():
                     (sampled_nll(model(x[:n_curv]), p.likelihood) * h.loss_scale).backward()
+            sync()
             t1 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             loss = per_example_loss(model(x), x, p.likelihood).mean()
             (loss * h.loss_scale).backward()
+            loss_value = loss.item()
             t2 = time.perf_counter()
             ok = True
-            if not math.isfinite(loss.item()):
+            if not math.isfinite(loss_value):
                 ok = False
             elif pc is not None:
                 ok = pc.step()
+            sync()
             t3 = time.perf_counter()
             if ok:
                 opt.step()
+            sync()
             t4 = time.perf_counter()
             wall += t4 - t0
             phases.curvature_batch += t1 - t0
@@ -186,6 +229,9 @@ def train(cfg: RunConfig, train_data: Tensor, test_data: Tensor, *, progress: bo
             phases.optimizer += t4 - t3
             phases.steps += 1
             step += 1
+            iterations.append({"iteration": step, "wall_time": wall,
+                               "minibatch_loss_pixel": loss_value * px})
+            since_record.append(loss_value * px)
             if not ok:
                 status = "diverged"
                 done = True
@@ -193,7 +239,7 @@ def train(cfg: RunConfig, train_data: Tensor, test_data: Tensor, *, progress: bo
             if bar is not None:
                 bar.update(1)
                 if step % 10 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4g}",
+                    bar.set_postfix(loss=f"{loss_value:.4g}",
                                     epoch=f"{step / steps_per_epoch:.2f}", elapsed=f"{wall:.0f}s")
             if (cfg.time_budget is not None and wall >= cfg.time_budget) or (
                 max_steps is not None and step >= max_steps
@@ -218,8 +264,10 @@ def train(cfg: RunConfig, train_data: Tensor, test_data: Tensor, *, progress: bo
         "hyper": asdict(h),
         "status": status,
         "history": history,
+        "iterations": iterations,
         "phase_seconds": ph,
         "final": final,
         "steps_per_epoch": steps_per_epoch,
+        "train_examples": n,
         "torch_threads": torch.get_num_threads(),
     }
