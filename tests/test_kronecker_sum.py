@@ -229,6 +229,32 @@ def test_eigh_falls_back_to_float64_on_lapack_failure_only(monkeypatch):
         numerics.eigh(A)
 
 
+@pytest.mark.parametrize("nan_calls", [2, 3])
+def test_eigh_that_returns_nan_in_float64_too_is_jittered_or_raises(monkeypatch, nan_calls):
+    """NaN without an exception from float32 and float64 syevd: the jittered float64 retry
+    gives a finite decomposition; if that is NaN too, LinAlgError (never NaN returned)."""
+    real = torch.linalg.eigh
+    calls = []
+
+    def nan_first(x):
+        calls.append(x.dtype)
+        e, U = real(x)
+        return (e * float("nan"), U) if len(calls) <= nan_calls else (e, U)
+
+    monkeypatch.setattr(numerics, "_warned", set())
+    monkeypatch.setattr(torch.linalg, "eigh", nan_first)
+    A = spd(4, 0).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the float64 retry warning is tested above
+        if nan_calls == 3:
+            with pytest.raises(torch.linalg.LinAlgError, match="even in float64 with jitter"):
+                numerics.eigh(A)
+            return
+        e, U = numerics.eigh(A)
+    assert calls == [torch.float32, torch.float64, torch.float64]
+    torch.testing.assert_close((U * e) @ U.T, A, rtol=1e-5, atol=1e-5)
+
+
 def test_cg_that_does_not_converge_warns(monkeypatch):
     terms = [(spd(4, 0), spd(3, 1)), (0.5 * spd(4, 2), 0.5 * spd(3, 3)),
              (0.5 * spd(4, 4), 0.5 * spd(3, 5))]

@@ -413,10 +413,13 @@ def test_kl_clip_authors_mode_has_no_lr_and_sums_absolute_layer_products():
     nu = (kappa / sum(abs(d) for d in dots)) ** 0.5
     for m in old:
         torch.testing.assert_close(grad_matrix(m), nu * free[m], rtol=1e-10, atol=1e-14)
-    # the same κ with the lr² convention (lr = 0.1) clips 100× less in ν²
-    pc3 = kf.KFAC(model, damping=1e-2, ema_decay=0.0, kl_clip=kappa, lr=0.1)
+    # the lr² convention (lr = 0.1) divides by lr² = 0.01: κ/100 clips as much as κ did
+    # above (every dot is positive here, so Σ|d| = Σd); the same κ would not clip at all
+    assert all(d > 0 for d in dots)
+    pc3 = kf.KFAC(model, damping=1e-2, ema_decay=0.0, kl_clip=kappa / 100, lr=0.1)
     collect_and_step(pc3, model, x, y)
-    nu3 = min(1.0, (kappa / (0.01 * sum(dots))) ** 0.5)
+    nu3 = min(1.0, (kappa / 100 / (0.01 * sum(dots))) ** 0.5)
+    assert nu3 == pytest.approx(nu) and nu3 < 0.5
     for m in old:
         torch.testing.assert_close(grad_matrix(m), nu3 * free[m], rtol=1e-10, atol=1e-14)
     with pytest.raises(ValueError, match="kl_clip_mode"):

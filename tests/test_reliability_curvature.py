@@ -78,6 +78,27 @@ def test_overflowing_factors_skip_that_layer_and_keep_the_average(nonfinite):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_raise_mode_restores_every_overflowing_layer_before_raising():
+    """No tanh in between: ×1e20 inputs overflow both layers' factors. "raise" must leave
+    neither layer's running average NaN (it used to restore only the first one)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+    pc = kf.KFAC(model, damping=1e-3, nonfinite="raise")
+    x = torch.randn(16, 6)
+    _curvature_batch(pc, model, x)
+    _grad_batch(model, x)
+    assert pc.step()
+    kept = {n: [t.clone() for t in s.curvature.terms[0]] for n, s in pc.layers.items()}
+    _curvature_batch(pc, model, x, scale=1e20)
+    _grad_batch(model, x)
+    with pytest.raises(kf.NonFiniteError, match="layer '0'"):
+        pc.step()
+    for n, s in pc.layers.items():
+        assert s.updates == 1, n
+        for t, k in zip(s.curvature.terms[0], kept[n]):
+            assert torch.equal(t, k), n
+
+
 @pytest.mark.parametrize("method", ["kfac", *SVD_METHODS])
 def test_large_inputs_give_the_scaled_approximation(method):
     """×1e12 inputs in float32: the SVD solvers' Gram products (∝ scale⁴ = 1e48) would
@@ -167,3 +188,36 @@ def test_exact_ng_singular_block_without_damping_names_the_layer():
         pc.step()
     pc.damping = 1e-3
     assert pc.step()
+
+
+@pytest.mark.parametrize("block_diagonal", [True, False])
+def test_exact_ng_float32_eigh_failure_is_retried_in_float64(monkeypatch, block_diagonal):
+    """ExactNG's dense eigh goes through the library's fallback (it used to raise)."""
+    import kronfisher.linalg.numerics as numerics
+
+    real = torch.linalg.eigh
+
+    def failing(x):
+        if x.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("simulated syevd failure")
+        return real(x)
+
+    model = _mlp()
+    pc = kf.ExactNG(model, damping=0.1, block_diagonal=block_diagonal)  # cond ≲ 1e2
+    x = torch.randn(16, 6)
+    _curvature_batch(pc, model, x)
+    _grad_batch(model, x)
+    free = {n: p.grad.clone() for n, p in model.named_parameters()}
+    monkeypatch.setattr(numerics, "_warned", set())
+    monkeypatch.setattr(torch.linalg, "eigh", failing)
+    with pytest.warns(RuntimeWarning, match="retrying in float64"):
+        assert pc.step()
+    if block_diagonal:  # each layer: vec([W b]) ← (F + λI)⁻¹ vec([W b]), as in float64
+        for s in pc.layers.values():
+            F = s.curvature.double()
+            g = torch.cat([free[f"{s.name}.weight"].mT.reshape(-1), free[f"{s.name}.bias"]])
+            want = torch.linalg.solve(F + 0.1 * torch.eye(F.shape[0], dtype=F.dtype),
+                                      g.double())
+            got = torch.cat([s.module.weight.grad.mT.reshape(-1), s.module.bias.grad])
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -163,3 +163,18 @@ def test_state_dict_round_trip_still_loads():
 def test_sampled_nll_rejects_non_tensor_and_integer_outputs(outputs, match):
     with pytest.raises(TypeError, match=match):
         kf.sampled_nll(outputs(), "categorical")
+
+
+@pytest.mark.parametrize("cls", [kf.KFAC, kf.ExactNG])
+def test_state_dict_with_nonfinite_curvature_is_refused_at_load(cls):
+    model, pc, x = _setup(cls)
+    _backward(model, x)
+    assert pc.step()
+    state = pc.state_dict()
+    packed = state["layers"]["fc2"]["curvature"]
+    (packed[0][1] if cls is kf.KFAC else packed)[0, 0] = float("nan")
+    _, other, _ = _setup(cls, seed=1)
+    before = {n: s.curvature for n, s in other.layers.items()}
+    with pytest.raises(ValueError, match="state_dict layer 'fc2'.*NaN or Inf"):
+        other.load_state_dict(state)
+    assert {n: s.curvature for n, s in other.layers.items()} == before  # untouched

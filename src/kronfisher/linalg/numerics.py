@@ -99,7 +99,8 @@ def eigh(x: Tensor) -> tuple[Tensor, Tensor]:
 
     Raises:
         ValueError: ``x`` has NaN or Inf entries (found after a failure).
-        torch.linalg.LinAlgError: if even the jittered float64 retry fails.
+        torch.linalg.LinAlgError: if even the jittered float64 retry fails or returns
+            NaN/Inf.
     """
     try:
         vals, vecs = torch.linalg.eigh(x)
@@ -117,9 +118,17 @@ def eigh(x: Tensor) -> tuple[Tensor, Tensor]:
     xd = x.double()
     try:
         vals, vecs = torch.linalg.eigh(xd)
+        ok = all_finite(vals) and all_finite(vecs)
     except torch.linalg.LinAlgError:
+        ok = False
+    if not ok:
         jitter = EIGH_RETRY_JITTER * float(xd.diagonal().abs().max().clamp_min(1e-300))
         eye = torch.eye(x.shape[0], dtype=xd.dtype, device=x.device)
         vals, vecs = torch.linalg.eigh(xd + jitter * eye)
+        if not (all_finite(vals) and all_finite(vecs)):
+            raise torch.linalg.LinAlgError(
+                f"eigh of a {tuple(x.shape)} matrix returned NaN/Inf even in float64 with"
+                f" jitter {jitter:.3g}"
+            )
         vals = vals - jitter
     return vals.to(x.dtype), vecs.to(x.dtype)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from torch import Tensor
 
-from ..linalg import KroneckerSum
-from ..linalg.kronecker import all_finite
+from ..linalg import KroneckerSum, all_finite
 
 _LOW = (torch.float16, torch.bfloat16)
 
-__all__ = ["nonfinite_names", "curvature_finite", "check_curvature_shape", "grad_matrix_shape"]
+__all__ = ["nonfinite_names", "curvature_finite", "check_curvature_shape", "grad_matrix_shape",
+           "typed_curvature"]
+
+C = TypeVar("C")
 
 
 def nonfinite_names(named: list[tuple[str, Tensor]]) -> list[str]:
@@ -19,7 +23,8 @@ def nonfinite_names(named: list[tuple[str, Tensor]]) -> list[str]:
     A sum with a NaN or ±Inf term is never finite, so finite sums of all tensors prove
     every entry finite (float16/bfloat16 summed in float32). Only a tensor whose sum is
     not finite is then checked entrywise: its sum may just have overflowed. (On the CPU a
-    sum is ~50× cheaper than ``torch._foreach_norm(·, inf)`` or ``isfinite().all()``.)
+    sum is far cheaper than ``torch._foreach_norm(·, inf)``: 0.28 vs 20 ms on the MNIST
+    auto-encoder, ``python benchmarks/check_cost.py --threads 1``, docs/reliability.md.)
     """
     if not named:
         return []
@@ -63,3 +68,23 @@ def grad_matrix_shape(s) -> tuple[int, int]:
     w = s.module.weight
     bias = getattr(s.module, "bias", None)
     return w.shape[0], w[0].numel() + (1 if bias is not None else 0)
+
+
+def typed_curvature(state, kind: type[C], owner: str, kind_name: str) -> C | None:
+    """A layer's curvature (None before the first update), checked to be a ``kind``.
+
+    Args:
+        state: the layer's ``LayerState``.
+        kind: the class this preconditioner keeps its curvature as.
+        owner, kind_name: for the message, e.g. "ExactNG's", "dense Tensor".
+
+    Raises:
+        TypeError: the state holds another kind of curvature (not one of ours).
+    """
+    c = state.curvature
+    if c is not None and not isinstance(c, kind):
+        raise TypeError(
+            f"layer {state.name!r}: {owner} curvature must be a {kind_name}, got"
+            f" {type(c).__name__}"
+        )
+    return c

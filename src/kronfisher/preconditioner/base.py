@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..layers import ADAPTERS, LayerAdapter, UnsupportedLayerError, adapter_for
 from ..linalg import KroneckerSum
-from ..linalg.kronecker import all_finite as _all_finite
+from ..linalg import all_finite as _all_finite
 from ._checks import (
     check_curvature_shape,
     curvature_finite,
@@ -370,26 +370,21 @@ class Preconditioner:
             a = torch.cat([c.a for c in caps])
             g = torch.cat([c.g for c in caps if c.g is not None])  # all: caps is filtered
             if not (_all_finite(a) and _all_finite(g)):
-                if self.nonfinite == "raise":
-                    raise NonFiniteError(f"non-finite curvature statistics in layer {s.name!r}")
-                warnings.warn(
-                    f"non-finite curvature statistics in layer {s.name!r}: curvature update"
-                    " skipped for this layer",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+                self._curvature_rejected(s.name, "non-finite curvature statistics")
                 continue
             batch[s] = (a, g, caps[0].spatial)
         if not batch:
             return
         before = {s: (s.curvature, s.updates) for s in batch}
         self._update_curvature(batch)
-        for s, (old, updates) in before.items():
-            if s.curvature is not old and not curvature_finite(s.curvature):
-                s.curvature, s.updates = old, updates  # the running average stays as it was
-                self._curvature_rejected(
-                    s.name, "the curvature built from its statistics is not finite (the"
-                    " statistics are finite but the factors overflow their dtype)")
+        overflowed = [s for s, (old, _) in before.items()
+                      if s.curvature is not old and not curvature_finite(s.curvature)]
+        for s in overflowed:  # restore every layer before reporting: "raise" stops at the first
+            s.curvature, s.updates = before[s]  # the running average stays as it was
+        for s in overflowed:
+            self._curvature_rejected(
+                s.name, "the curvature built from its statistics is not finite (the"
+                " statistics are finite but the factors overflow their dtype)")
 
     def _curvature_rejected(self, name: str, why: str, stacklevel: int = 5) -> None:
         """Drop one layer's curvature update: raise (``nonfinite="raise"``) or warn.
@@ -477,7 +472,8 @@ class Preconditioner:
 
         Raises:
             ValueError: other layer names, or a layer whose saved curvature does not fit
-                this model's layer (checked for every layer before anything is changed).
+                this model's layer or is not finite (checked for every layer before
+                anything is changed).
         """
         names = set(state["layers"])
         if names != set(self.layers):
@@ -487,8 +483,15 @@ class Preconditioner:
         for name, d in state["layers"].items():
             s = self.layers[name]
             d_g, d_a = grad_matrix_shape(s)
-            if d.get("curvature") is not None:
-                check_curvature_shape(name, self._unpack(d["curvature"]), d_g, d_a)
+            for key in ("curvature", "inverse_source"):
+                if d.get(key) is None:
+                    continue
+                c = self._unpack(d[key])
+                if key == "curvature":  # ExactNG's full-Fisher inverse source spans all layers
+                    check_curvature_shape(name, c, d_g, d_a)
+                if not curvature_finite(c):
+                    raise ValueError(f"state_dict layer {name!r}: the saved {key} has NaN or"
+                                     " Inf entries (saved from a diverged run?)")
         for k, v in state["hyper"].items():
             setattr(self, k, v)
         self.steps = state["steps"]

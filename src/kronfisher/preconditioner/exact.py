@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from ..curvature.estimator import pow2_scale
 from ..linalg import SingularFactorError
-from ..linalg.kronecker import all_finite
+from ..linalg.numerics import all_finite, eigh
+from ._checks import typed_curvature
 from .base import LayerState, Preconditioner
 
 __all__ = ["ExactNG", "per_example_gradients", "DenseEigh", "FullFisherInverse"]
@@ -69,18 +70,8 @@ def _fisher(Js: list[tuple[Tensor, float]]) -> Tensor:
 
 
 def _dense_curvature(state: LayerState) -> Tensor | None:
-    """The layer's curvature, which ExactNG keeps as a dense Fisher block.
-
-    Raises:
-        TypeError: the state holds another kind of curvature (not one of ours).
-    """
-    c = state.curvature
-    if c is not None and not isinstance(c, Tensor):
-        raise TypeError(
-            f"layer {state.name!r}: ExactNG's curvature must be a dense Tensor, got"
-            f" {type(c).__name__}"
-        )
-    return c
+    """The layer's curvature, which ExactNG keeps as a dense Fisher block."""
+    return typed_curvature(state, Tensor, "ExactNG's", "dense Tensor")
 
 
 class ExactNG(Preconditioner):
@@ -183,7 +174,7 @@ class ExactNG(Preconditioner):
                 self.steps % self.inv_update_freq == 0 and inv.step != self.steps):
             if self._full is None:  # set together with every layer's curvature
                 raise RuntimeError("no full Fisher to factorise yet")
-            e, U = torch.linalg.eigh(self._full)
+            e, U = eigh(self._full)
             self._check_invertible("the full Fisher", e, self.damping)
             inv = self._full_inverse = FullFisherInverse(e, U, self._full, self.damping,
                                                          self.steps)
@@ -193,7 +184,7 @@ class ExactNG(Preconditioner):
     def _factorize(self, state: LayerState, source: Tensor, damping: float) -> None:
         if not self.block_diagonal:
             return  # the shared full-Fisher inverse is restored by _load_extra_state
-        e, U = torch.linalg.eigh(source)
+        e, U = eigh(source)
         self._check_invertible(f"layer {state.name!r}", e, damping)
         state.inverse = DenseEigh(e, U, damping)
         state.inverse_source, state.inverse_damping = source, damping
@@ -264,7 +255,7 @@ class ExactNG(Preconditioner):
         self._full_inverse = None
         if extra["full_inverse"] is not None:
             src, damping, step = extra["full_inverse"]
-            e, U = torch.linalg.eigh(src)
+            e, U = eigh(src)
             self._full_inverse = FullFisherInverse(e, U, src, damping, step)
             for s in self.layers.values():
                 s.inverse, s.inverse_source, s.inverse_damping = self._full_inverse, src, damping

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..curvature import KroneckerEstimator
 from ..linalg import SCHEMES, KroneckerFactorization, KroneckerSum, SingularFactorError
+from ._checks import typed_curvature
 from .base import LayerState, Preconditioner
 
 __all__ = ["KroneckerPreconditioner", "KFAC", "KPSVD", "Deflation", "KFACCorrected", "Lanczos"]
@@ -19,18 +20,8 @@ RETRY_MIN_DAMPING = 1e-8
 
 
 def _kronecker_curvature(state: LayerState) -> KroneckerSum | None:
-    """The layer's curvature, which every Kronecker method keeps as a KroneckerSum.
-
-    Raises:
-        TypeError: the state holds another kind of curvature (not one of ours).
-    """
-    c = state.curvature
-    if c is not None and not isinstance(c, KroneckerSum):
-        raise TypeError(
-            f"layer {state.name!r}: a Kronecker preconditioner's curvature must be a"
-            f" KroneckerSum, got {type(c).__name__}"
-        )
-    return c
+    """The layer's curvature, which every Kronecker method keeps as a KroneckerSum."""
+    return typed_curvature(state, KroneckerSum, "a Kronecker preconditioner's", "KroneckerSum")
 
 
 class KroneckerPreconditioner(Preconditioner):
