@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..process import pid_alive
+
 __all__ = ["FolderLockedError", "folder_lock", "LOCK_NAME"]
 
 LOCK_NAME = ".kronfisher.lock"
@@ -25,20 +27,6 @@ LOCK_NAME = ".kronfisher.lock"
 
 class FolderLockedError(RuntimeError):
     """Another live process holds the folder's lock."""
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    except OSError:
-        return False
-    return True
 
 
 def _read(path: Path) -> dict | None:
@@ -101,7 +89,7 @@ def folder_lock(folder: str | Path, *, what: str = "kronfisher", echo=print) -> 
                     f"{folder} is locked by {held.get('what', 'a process')} PID {pid} on host"
                     f" {host!r} (since {since}); if that run is over, delete {path}"
                 )
-            if isinstance(pid, int) and pid != me["pid"] and _pid_alive(pid):
+            if isinstance(pid, int) and pid != me["pid"] and pid_alive(pid):
                 raise FolderLockedError(
                     f"{folder} is in use by another {held.get('what', 'kronfisher')} process"
                     f" (PID {pid}, since {since}); wait for it to finish or choose another"

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from ..process import pid_alive
+
 ENV_CACHE = "KRONFISHER_DATA"
 """Environment variable that overrides the default cache directory."""
 
@@ -177,16 +179,6 @@ def check_arrays(
     return checks
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists but belongs to someone else (or cannot tell): keep its file
-    return True
-
-
 def remove_stale_temporaries(path: Path, *, max_age: float = STALE_TMP_SECONDS) -> list[Path]:
     """Delete ``.{path.name}.PID.tmp`` files left by killed writers; return what was removed.
 
@@ -201,7 +193,7 @@ def remove_stale_temporaries(path: Path, *, max_age: float = STALE_TMP_SECONDS) 
             age = now - tmp.stat().st_mtime
         except OSError:
             continue
-        dead = not pid_text.isdigit() or not _pid_alive(int(pid_text))
+        dead = not pid_text.isdigit() or not pid_alive(int(pid_text))
         if dead or age > max_age:
             try:
                 size = tmp.stat().st_size

@@ -76,7 +76,8 @@ def typed_curvature(state, kind: type[C], owner: str, kind_name: str) -> C | Non
     Args:
         state: the layer's ``LayerState``.
         kind: the class this preconditioner keeps its curvature as.
-        owner, kind_name: for the message, e.g. "ExactNG's", "dense Tensor".
+        owner: who keeps the curvature, for the message, e.g. "ExactNG's".
+        kind_name: the expected kind in words, for the message, e.g. "dense Tensor".
 
     Raises:
         TypeError: the state holds another kind of curvature (not one of ours).
