@@ -308,3 +308,20 @@ def test_ctrl_c_says_what_was_kept_and_exits_130(tiny_curves, tmp_path, monkeypa
     assert "interrupted" in err and "kept in" in err and ": sgd;" in err
     assert "Rerun the same command to resume" in err
     assert not (out / LOCK_NAME).exists()
+
+
+def test_load_result_says_why_a_file_is_not_a_record(tmp_path):
+    from kronfisher.bench.compare import LoadedResult, load_result
+
+    (tmp_path / "folder.json").mkdir()
+    assert load_result(tmp_path / "folder.json") == LoadedResult(None, "it is a folder")
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    got = load_result(bad)
+    assert got.record is None and got.why is not None and "JSON array" in got.why
+    rec = {"final": {k: 1.0 for k in ("epoch", "step", "wall_time", "train_loss",
+                                       "train_loss_pixel", "test_loss", "test_loss_pixel")},
+           "history": [{"epoch": 1.0}], "status": "complete", "config": {}}
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(rec))
+    assert load_result(good) == LoadedResult(rec, None)

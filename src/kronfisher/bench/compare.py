@@ -10,7 +10,7 @@ time per folder (:func:`~kronfisher.bench.lock.folder_lock`).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from .lock import folder_lock
 from .problems import PROBLEMS
 from .runner import RunConfig, train
 
-__all__ = ["compare", "summarise", "plot_runs", "time_to_reach", "load_result"]
+__all__ = ["compare", "summarise", "plot_runs", "time_to_reach", "load_result", "LoadedResult"]
 
 _FINAL_KEYS = ("epoch", "step", "wall_time", "train_loss", "train_loss_pixel", "test_loss",
                "test_loss_pixel")
@@ -53,20 +53,33 @@ def _problem_with(obj) -> str | None:
     return None
 
 
-def load_result(path: Path) -> tuple[dict | None, str | None]:
-    """(record, None) for a valid run record at ``path``, else (None, why not)."""
+@dataclass(frozen=True)
+class LoadedResult:
+    """What :func:`load_result` found in a run-record file.
+
+    Attributes:
+        record: the run record, None if the file is not a usable one.
+        why: why it is not usable (None when ``record`` is set).
+    """
+
+    record: dict | None
+    why: str | None = None
+
+
+def load_result(path: Path) -> LoadedResult:
+    """The valid run record at ``path``, or why there is none (the file is left as it is)."""
     if path.is_dir():
-        return None, "it is a folder"
+        return LoadedResult(None, "it is a folder")
     try:
         obj = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
-        return None, "it is not UTF-8 text"
+        return LoadedResult(None, "it is not UTF-8 text")
     except ValueError as e:
-        return None, f"it is not valid JSON ({e})"
+        return LoadedResult(None, f"it is not valid JSON ({e})")
     except OSError as e:
-        return None, f"it cannot be read ({e.strerror or e})"
+        return LoadedResult(None, f"it cannot be read ({e.strerror or e})")
     why = _problem_with(obj)
-    return (None, why) if why else (obj, None)
+    return LoadedResult(None, why) if why else LoadedResult(obj)
 
 
 def _reusable(cfg: RunConfig, path: Path, echo) -> dict | None:
@@ -77,10 +90,11 @@ def _reusable(cfg: RunConfig, path: Path, echo) -> dict | None:
     if not path.exists() and not path.is_symlink():
         return None
     name = f"[{cfg.optimizer}]"
-    old, why = load_result(path)
+    loaded = load_result(path)
+    old = loaded.record
     if old is None:
         aside = move_aside(path, "corrupt")
-        echo(f"{name} {path} is not a usable result ({why}): moved it to {aside.name},"
+        echo(f"{name} {path} is not a usable result ({loaded.why}): moved it to {aside.name},"
              " running again")
         return None
     threads, version = torch.get_num_threads(), _version()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TypeVar
 
 import torch
@@ -12,7 +13,10 @@ from ..linalg import KroneckerSum, all_finite
 _LOW = (torch.float16, torch.bfloat16)
 
 __all__ = ["nonfinite_names", "curvature_finite", "check_curvature_shape", "grad_matrix_shape",
-           "typed_curvature"]
+           "typed_curvature", "check_positive_int", "check_damping", "check_options",
+           "KL_CLIP_MODES"]
+
+KL_CLIP_MODES = ("lr2", "authors")
 
 C = TypeVar("C")
 
@@ -89,3 +93,42 @@ def typed_curvature(state, kind: type[C], owner: str, kind_name: str) -> C | Non
             f" {type(c).__name__}"
         )
     return c
+
+
+def check_positive_int(name: str, v) -> None:
+    """Raise ValueError unless ``v`` is an integer >= 1 (``name`` is the argument's name)."""
+    if not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+def check_damping(d) -> float:
+    """``d`` as a float.
+
+    Raises:
+        ValueError: ``d`` is not a finite number >= 0.
+    """
+    if not (isinstance(d, int | float) and math.isfinite(d) and d >= 0):
+        raise ValueError(f"damping must be a finite number >= 0, got {d!r}")
+    return float(d)
+
+
+def check_options(*, ema_decay: float, cov_update_freq: int, inv_update_freq: int,
+                  kl_clip: float | None, kl_clip_mode: str, lr: float | None,
+                  nonfinite: str) -> None:
+    """Check the Preconditioner constructor's schedule and clipping arguments.
+
+    Raises:
+        ValueError: naming the first argument out of its range (see ``Preconditioner``).
+    """
+    check_positive_int("cov_update_freq", cov_update_freq)
+    check_positive_int("inv_update_freq", inv_update_freq)
+    if not (0.0 <= ema_decay < 1.0):
+        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+    if kl_clip_mode not in KL_CLIP_MODES:
+        raise ValueError(f"kl_clip_mode must be one of {KL_CLIP_MODES}, got {kl_clip_mode!r}")
+    if kl_clip is not None and not kl_clip > 0:
+        raise ValueError(f"kl_clip must be > 0 (or None), got {kl_clip!r}")
+    if kl_clip is not None and kl_clip_mode == "lr2" and (lr is None or not lr > 0):
+        raise ValueError("kl_clip in mode 'lr2' needs the optimizer's lr > 0")
+    if nonfinite not in ("skip", "raise"):
+        raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")

@@ -1,4 +1,4 @@
-"""The preconditioner: registration, hooks, schedules, damping, KL clipping, state_dict.
+"""The preconditioner: hooks, ``collect()`` and ``step()`` with schedules and damping.
 
 It knows no specific curvature method: a subclass supplies three operations
 (:meth:`Preconditioner._update_curvature`, :meth:`~Preconditioner._refresh_inverse`,
@@ -24,70 +24,30 @@ the preconditioner after :meth:`~Preconditioner.remove_hooks`, raises ``RuntimeE
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 import warnings
-import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from ..layers import ADAPTERS, LayerAdapter, UnsupportedLayerError, adapter_for
-from ..linalg import KroneckerSum
+from ..layers import UnsupportedLayerError
 from ..linalg import all_finite as _all_finite
-from ._checks import (
-    check_curvature_shape,
-    curvature_finite,
-    grad_matrix_shape,
-    nonfinite_names,
-)
+from ._checks import KL_CLIP_MODES, check_damping, check_options, curvature_finite, nonfinite_names
+from .kl_clip import kl_clip_factor
+from .layer_state import Capture, LayerState
+from .registration import register_layers
+from .state import StateDictMixin
+from .written import WrittenGrads
 
 __all__ = ["Preconditioner", "LayerState", "NonFiniteError", "KL_CLIP_MODES"]
-
-KL_CLIP_MODES = ("lr2", "authors")
 
 
 class NonFiniteError(FloatingPointError):
     """A gradient or statistic contained NaN or Inf (raised when ``nonfinite="raise"``)."""
 
 
-@dataclass
-class _Capture:
-    a: Tensor
-    spatial: tuple[int, int] = (1, 1)
-    g: Tensor | None = None
-
-
-class Factorization(Protocol):
-    """What a preconditioner keeps per layer to precondition with.
-
-    For example a :class:`~kronfisher.linalg.KroneckerFactorization`: built once per
-    refresh, used by every :meth:`Preconditioner.step` until the next one.
-    """
-
-    damping: float  # the damping it was actually built with
-
-
-@dataclass(eq=False)  # identity semantics: states are dict keys
-class LayerState:
-    """Everything the preconditioner keeps for one registered layer."""
-
-    name: str
-    module: nn.Module
-    adapter: type[LayerAdapter]
-    curvature: KroneckerSum | Tensor | None = None  # a dense block for ExactNG
-    updates: int = 0  # number of curvature batches folded in
-    # the curvature the current inverse was built from
-    inverse_source: KroneckerSum | Tensor | None = None
-    inverse: Factorization | None = None  # its factorisation, used by step()
-    inverse_damping: float | None = None
-    captures: list[_Capture] = field(default_factory=list)
-
-
-class Preconditioner:
+class Preconditioner(StateDictMixin):
     """Base class of all natural-gradient preconditioners (see module docstring).
 
     Args:
@@ -132,20 +92,11 @@ class Preconditioner:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError("model must be a torch.nn.Module")
-        _check_positive_int("cov_update_freq", cov_update_freq)
-        _check_positive_int("inv_update_freq", inv_update_freq)
-        if not (0.0 <= ema_decay < 1.0):
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        if kl_clip_mode not in KL_CLIP_MODES:
-            raise ValueError(f"kl_clip_mode must be one of {KL_CLIP_MODES}, got {kl_clip_mode!r}")
-        if kl_clip is not None and not kl_clip > 0:
-            raise ValueError(f"kl_clip must be > 0 (or None), got {kl_clip!r}")
-        if kl_clip is not None and kl_clip_mode == "lr2" and (lr is None or not lr > 0):
-            raise ValueError("kl_clip in mode 'lr2' needs the optimizer's lr > 0")
-        if nonfinite not in ("skip", "raise"):
-            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        check_options(ema_decay=ema_decay, cov_update_freq=cov_update_freq,
+                      inv_update_freq=inv_update_freq, kl_clip=kl_clip,
+                      kl_clip_mode=kl_clip_mode, lr=lr, nonfinite=nonfinite)
         self.model = model
-        self.damping = _check_damping(damping)
+        self.damping = check_damping(damping)
         self.ema_decay = ema_decay
         self.cov_update_freq = cov_update_freq
         self.inv_update_freq = inv_update_freq
@@ -157,10 +108,10 @@ class Preconditioner:
         self.skipped_steps = 0
         # wall-clock seconds spent in each phase of step(), accumulated (for benchmarks)
         self.timings = {"curvature": 0.0, "inverse": 0.0, "precondition": 0.0}
-        self.layers: dict[str, LayerState] = {}
-        self.skipped: list[str] = []
-        self.skip_reasons: dict[str, str] = {}
-        self._register(model)
+        reg = register_layers(model)
+        self.layers: dict[str, LayerState] = reg.layers
+        self.skipped: list[str] = reg.skipped
+        self.skip_reasons: dict[str, str] = reg.skip_reasons
         if not self.layers:
             raise UnsupportedLayerError(
                 "the model has no supported layer (nn.Linear, nn.Conv2d) to precondition"
@@ -169,34 +120,11 @@ class Preconditioner:
         self._collecting = False
         self._reduction = "mean"
         self._hooks_removed = False
-        # (weak reference to each .grad written by the last step, its ._version then)
-        self._written: dict[int, tuple[weakref.ref, int]] = {}
+        # the .grad tensors the last step() wrote (to refuse preconditioning them twice)
+        self._written = WrittenGrads()
         self._handles = [
             s.module.register_forward_hook(self._forward_hook) for s in self.layers.values()
         ]
-
-    # ------------------------------------------------------------ registration
-    def _register(self, model: nn.Module) -> None:
-        for name, module in model.named_modules():
-            own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-            if type(module) in ADAPTERS:
-                try:
-                    adapter = adapter_for(module)
-                except UnsupportedLayerError as e:
-                    self._skip(name, own, str(e))
-                    continue
-                self.layers[name] = LayerState(name, module, adapter)
-            elif own:
-                why = f"{type(module).__name__} is not a supported layer type"
-                if isinstance(module, tuple(ADAPTERS)):
-                    why += " (subclasses of supported layers are not assumed to behave alike)"
-                self._skip(name, own, why)
-
-    def _skip(self, name: str, params, reason: str) -> None:
-        for pname, _ in params:
-            full = f"{name}.{pname}" if name else pname
-            self.skipped.append(full)
-            self.skip_reasons[full] = reason
 
     def remove_hooks(self) -> None:
         """Detach the forward hooks from the model; the preconditioner cannot be used after.
@@ -256,7 +184,7 @@ class Preconditioner:
         if not self._collecting or not torch.is_grad_enabled() or not output.requires_grad:
             return
         state = self._by_module[id(module)]
-        cap = _Capture(a=state.adapter.inputs(module, inputs[0]))
+        cap = Capture(a=state.adapter.inputs(module, inputs[0]))
         state.captures.append(cap)
         scale = float(inputs[0].shape[0]) if self._reduction == "mean" else 1.0
 
@@ -317,12 +245,11 @@ class Preconditioner:
         if bad:
             return self._reject(f"preconditioning produced non-finite values in {bad}")
         nu = self._kl_scale(out, grads)
-        self._written = {}
+        self._written.clear()
         for s, X in out.items():
             s.adapter.set_grad_matrix(s.module, X * nu if nu != 1.0 else X)
             for p in s.adapter.params(s.module):
-                if p.grad is not None:
-                    self._written[id(p)] = (weakref.ref(p.grad), p.grad._version)
+                self._written.record(p)
         self.timings["precondition"] += time.perf_counter() - t2
         self.steps += 1
         return True
@@ -331,14 +258,8 @@ class Preconditioner:
         """Raise if a registered parameter's .grad is the unchanged tensor the last step wrote."""
         if not self._written:
             return
-        stale = []
-        for s in self.layers.values():
-            for p in s.adapter.params(s.module):
-                rec = self._written.get(id(p))
-                if rec is not None and p.grad is not None and (
-                        p.grad._version == rec[1]) and p.grad is rec[0]():
-                    stale.append(s.name)
-                    break
+        stale = [s.name for s in self.layers.values()
+                 if any(self._written.unchanged(p) for p in s.adapter.params(s.module))]
         if stale:
             raise RuntimeError(
                 f"step() called again on gradients it already preconditioned (layer(s) {stale}"
@@ -354,7 +275,7 @@ class Preconditioner:
                       stacklevel=4)  # past the no_grad wrapper
         for p in self.model.parameters():
             p.grad = None
-        self._written = {}
+        self._written.clear()
         self.skipped_steps += 1
         self.steps += 1
         return False
@@ -409,15 +330,7 @@ class Preconditioner:
         if self.kl_clip is None:
             return 1.0
         dots = [(X * grads[s.name]).sum() for s, X in out.items()]
-        if self.kl_clip_mode == "authors":
-            vg = float(torch.stack(dots).abs().sum())
-        else:
-            if self.lr is None:  # __init__ refuses kl_clip in mode "lr2" without lr
-                raise RuntimeError("kl_clip in mode 'lr2' needs the optimizer's lr")
-            vg = float(torch.stack(dots).sum()) * self.lr**2
-        if not vg > 0:
-            return 1.0
-        return min(1.0, math.sqrt(self.kl_clip / vg))
+        return kl_clip_factor(dots, self.kl_clip, self.kl_clip_mode, self.lr)
 
     # ---------------------------------------------------- subclass operations
     def _update_curvature(self, batch: dict[LayerState, tuple[Tensor, Tensor, tuple]]) -> None:
@@ -442,101 +355,9 @@ class Preconditioner:
         """The layer's current curvature (after the running average)."""
         return self._state_of(module).curvature
 
-    # -------------------------------------------------------------- state_dict
-    _HYPER = ("damping", "ema_decay", "cov_update_freq", "inv_update_freq", "kl_clip",
-              "kl_clip_mode", "lr")
-
-    def state_dict(self) -> dict:
-        """Everything needed for a resumed run to produce the same preconditioned gradients."""
-        layers = {}
-        for name, s in self.layers.items():
-            layers[name] = {
-                "updates": s.updates,
-                "curvature": self._pack(s.curvature),
-                "inverse_source": None
-                if s.inverse_source is s.curvature
-                else self._pack(s.inverse_source),
-                "inverse_is_curvature": s.inverse_source is s.curvature,
-                "inverse_damping": s.inverse_damping,
-            }
-        return {
-            "steps": self.steps,
-            "skipped_steps": self.skipped_steps,
-            "hyper": {k: getattr(self, k) for k in self._HYPER},
-            "layers": layers,
-            "extra": self._extra_state(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`'s output.
-
-        Raises:
-            ValueError: other layer names, or a layer whose saved curvature does not fit
-                this model's layer or is not finite (checked for every layer before
-                anything is changed).
-        """
-        names = set(state["layers"])
-        if names != set(self.layers):
-            raise ValueError(
-                f"state_dict layers {sorted(names)} do not match this model's {sorted(self.layers)}"
-            )
-        for name, d in state["layers"].items():
-            s = self.layers[name]
-            d_g, d_a = grad_matrix_shape(s)
-            for key in ("curvature", "inverse_source"):
-                if d.get(key) is None:
-                    continue
-                c = self._unpack(d[key])
-                if key == "curvature":  # ExactNG's full-Fisher inverse source spans all layers
-                    check_curvature_shape(name, c, d_g, d_a)
-                if not curvature_finite(c):
-                    raise ValueError(f"state_dict layer {name!r}: the saved {key} has NaN or"
-                                     " Inf entries (saved from a diverged run?)")
-        for k, v in state["hyper"].items():
-            setattr(self, k, v)
-        self.steps = state["steps"]
-        self.skipped_steps = state.get("skipped_steps", 0)
-        for name, d in state["layers"].items():
-            s = self.layers[name]
-            s.updates = d["updates"]
-            s.curvature = self._unpack(d["curvature"])
-            s.inverse_source = (
-                s.curvature if d["inverse_is_curvature"] else self._unpack(d["inverse_source"])
-            )
-            s.inverse, s.inverse_damping = None, None
-            if s.inverse_source is not None and d["inverse_damping"] is not None:
-                self._factorize(s, s.inverse_source, d["inverse_damping"])
-        self._load_extra_state(state.get("extra", {}))
-        self._written = {}
-
-    def _pack(self, curvature):
-        raise NotImplementedError
-
-    def _unpack(self, packed):
-        raise NotImplementedError
-
-    def _factorize(self, state: LayerState, source, damping: float) -> None:
-        raise NotImplementedError
-
-    def _extra_state(self) -> dict:
-        return {}
-
-    def _load_extra_state(self, extra: dict) -> None:
-        pass
-
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(layers={len(self.layers)}, skipped={len(self.skipped)},"
             f" damping={self.damping}, steps={self.steps})"
         )
 
-
-def _check_positive_int(name: str, v) -> None:
-    if not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-
-
-def _check_damping(d) -> float:
-    if not (isinstance(d, int | float) and math.isfinite(d) and d >= 0):
-        raise ValueError(f"damping must be a finite number >= 0, got {d!r}")
-    return float(d)
