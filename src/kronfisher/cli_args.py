@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .linalg.damping import SCHEMES
+
 __all__ = ["build_parser", "add_run_options", "positive_float", "nonnegative_float",
            "positive_int", "sub_block", "DEMO_OUT", "DEMO_BUDGET"]
 
@@ -67,7 +69,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="re-seed the RNG before each layer's initialisation, as the authors"
                         " do (default: on for --preset paper, off for classic)")
     p.add_argument("--damping-scheme", default=None,
-                   choices=["tikhonov", "factored", "factored_pi1", "authors"],
+                   choices=list(SCHEMES),
                    help="override the damping scheme (default: the preset's; paper: authors)")
     p.add_argument("--weight-decay", type=nonnegative_float, default=None, metavar="WD",
                    help="override the weight decay (paper preset: 1e-3 for the"
