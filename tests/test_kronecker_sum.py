@@ -269,3 +269,36 @@ def test_support_of_no_matrices_is_a_clear_error():
 
     with pytest.raises(ValueError, match="at least one matrix"):
         support()
+
+
+def _psd_with(e: list[float], seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(len(e), len(e), generator=gen, dtype=D))
+    return (Q * torch.tensor(e, dtype=D)) @ Q.T
+
+
+@pytest.mark.parametrize("big", [(1, 850.0), (25, 2000.0)])
+def test_float32_two_terms_with_large_inputs_are_not_called_singular(big):
+    """The MNIST code layer (31 inputs) late in training: A₁ reaches ~850 while the damping
+    is 0.01. The damped first factor's smallest eigenvalue (≥ 0.01) is far above the
+    eigensolver's rounding bound n·eps·‖A₁‖, so factorising must succeed at the requested
+    damping (it used to raise SingularFactorError, and the preconditioner silently retried
+    with 10× the damping). (1, 850): the Cholesky congruence; (25, 2000): ‖A₁‖_F = 1e4 takes
+    the two-eigh route (computed in float64: in float32 its eigenvalue errors made the solve
+    2e-2 off). The float32 solve matches the float64 solve of the same float32 matrices."""
+    count, top = big
+    n = 31
+    e_a = [top] * count + torch.logspace(1, -2.3, n - count).tolist()
+    A1 = _psd_with(e_a, 1).float()
+    G1 = _psd_with(torch.logspace(-6, -8, 5).tolist(), 2).float()
+    A2 = (10 * _psd_with(torch.logspace(0, -3, n).tolist(), 3)).float()
+    G2 = _psd_with(torch.logspace(-7, -9, 5).tolist(), 4).float()
+    ks = KroneckerSum([(A1, G1), (A2, G2)])
+    fac = ks.factorize(0.01, "authors")
+    assert fac.damping == 0.01
+    V = torch.randn(5, n, generator=torch.Generator().manual_seed(5), dtype=D)
+    got = fac.solve(V.float()).double()
+    ref = KroneckerSum([(A1.double(), G1.double()), (A2.double(), G2.double())]).solve(
+        V, 0.01, "authors")
+    rel = float((got - ref).norm() / ref.norm())
+    assert rel < 1e-3, rel
