@@ -385,6 +385,35 @@ def test_cov_update_frequency_and_ema():
     torch.testing.assert_close(A, 0.5 * a1.T @ a1 / 8 + 0.5 * a3.T @ a3 / 8)
 
 
+@pytest.mark.parametrize("counter", ["updates", "steps"])
+def test_ema_counter_sets_the_decay_of_later_batches(counter):
+    """ρ = 0.9, T_cov = 4: the batch of step 4 is the second curvature batch (decay
+    min(1 − 1/2, 0.9) = 0.5 when k counts updates) and comes after 4 steps (decay
+    min(1 − 1/4, 0.9) = 0.75 when k counts steps, the paper's code); the batch of step 8
+    gets min(2/3, 0.9) or min(7/8, 0.9). The first batch is kept as it is either way."""
+    model = mlp()
+    pc = kf.KFAC(model, ema_decay=0.9, cov_update_freq=4, ema_counter=counter)
+    y = torch.randn(8, 3, dtype=D)
+    xs = [torch.randn(8, 5, dtype=D) for _ in range(9)]
+    for x in xs:
+        model.zero_grad()
+        with pc.collect():
+            per_example_loss(model(x), y).mean().backward()
+        pc.step()
+
+    def second_moment(x):
+        a = torch.cat([x, torch.ones(8, 1, dtype=D)], 1)
+        return a.T @ a / 8
+
+    r1, r2 = (0.5, 2 / 3) if counter == "updates" else (0.75, 0.875)
+    expect = second_moment(xs[0])
+    expect = r1 * expect + (1 - r1) * second_moment(xs[4])
+    expect = r2 * expect + (1 - r2) * second_moment(xs[8])
+    torch.testing.assert_close(pc.curvature(model[0]).terms[0][0], expect)
+    with pytest.raises(ValueError, match="ema_counter"):
+        kf.KFAC(model, ema_counter="epochs")
+
+
 def test_kl_clip_scales_the_update():
     model = mlp()
     x, y = torch.randn(16, 5, dtype=D), 10 * torch.randn(16, 3, dtype=D)

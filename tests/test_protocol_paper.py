@@ -42,6 +42,10 @@ def test_paper_preset_resolves_to_the_authors_settings(problem):
         assert (h.momentum, h.nesterov, h.weight_decay) == (0.9, False, 1e-3)
         assert (h.cov_update_freq, h.inv_update_freq, h.curvature_fraction) == (100, 100, 0.25)
         assert h.reseed_layers and h.partial_last_batch
+        assert h.ema_counter == "steps"  # the authors' decay: k counts optimizer steps
+        # KPSVD: tr A₁ = tr A_KFAC (its first steps then track KFAC's, as in the authors'
+        # stored runs); the two-term methods keep the authors' balanced split
+        assert h.factor_balance == ("kfac_trace" if name == "kpsvd" else "sqrt_sigma")
     assert hyper(problem, "sgd", "paper").nesterov
     assert hyper(problem, "sgd", "paper").momentum == 0.9
     assert hyper(problem, "adam", "paper").momentum == 0.0
@@ -56,6 +60,9 @@ def test_paper_preset_resolves_to_the_authors_settings(problem):
         (2.0 if p.likelihood == "gaussian" else 1.0) / p.encoder[0])
     classic = hyper(problem, "kfac", "classic")
     assert classic.damping_scheme == "tikhonov" and classic.train_size is None
+    assert classic.ema_counter == "updates"
+    pc = make_optimizers("kfac", build_model(problem), hyper(problem, "kfac")).preconditioner
+    assert pc is not None and pc.ema_counter == "steps"
 
 
 def test_identity_control_uses_its_methods_settings():

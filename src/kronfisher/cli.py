@@ -32,7 +32,7 @@ def _config(args, optimizer: str):
         train_subset=args.train_subset, eval_subset=args.eval_subset,
         iterations=args.iterations, reseed_layers=args.reseed_layers, device=args.device,
         damping_scheme=args.damping_scheme, factor_balance=args.factor_balance,
-        weight_decay=args.weight_decay,
+        weight_decay=args.weight_decay, ema_counter=args.ema_counter,
     )
 
 

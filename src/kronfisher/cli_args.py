@@ -77,6 +77,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factor-balance", default=None, choices=["sqrt_sigma", "kfac_trace"],
                    help="split of σ between the SVD methods' first-term factors: sqrt_sigma"
                         " (‖A‖ = ‖G‖, default) or kfac_trace (tr A = tr A_KFAC)")
+    p.add_argument("--ema-counter", default=None, choices=["updates", "steps"],
+                   help="what k counts in the running average's decay min(1 − 1/k, ρ):"
+                        " curvature updates (classic preset) or optimizer steps (paper"
+                        " preset, the authors' code)")
     p.add_argument("--device", default="cpu",
                    help="torch device for the run, e.g. cuda (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and init")

@@ -132,7 +132,8 @@ def make_optimizers(name: str, model: nn.Module, h: Hyper, *, solver: str = "aut
     kw: dict[str, Any] = dict(
         damping=h.damping, ema_decay=h.ema_decay, cov_update_freq=h.cov_update_freq,
         inv_update_freq=h.inv_update_freq, kl_clip=h.kl_clip, lr=h.lr,
-        damping_scheme=h.damping_scheme, kl_clip_mode=h.kl_clip_mode)
+        damping_scheme=h.damping_scheme, kl_clip_mode=h.kl_clip_mode,
+        ema_counter=h.ema_counter)
     if h.factor_balance not in FACTOR_BALANCES:
         raise ValueError(f"factor_balance must be one of {FACTOR_BALANCES},"
                          f" got {h.factor_balance!r}")

@@ -54,6 +54,7 @@ class RunConfig:
     damping_scheme: str | None = None  # None: the preset's choice
     factor_balance: str | None = None  # None: the preset's choice
     weight_decay: float | None = None  # None: the preset's choice
+    ema_counter: str | None = None  # None: the preset's choice
 
     def __post_init__(self):
         if self.problem not in PROBLEMS:
@@ -76,7 +77,7 @@ class RunConfig:
         over = {k: getattr(self, k) for k in ("lr", "damping", "batch_size", "cov_update_freq",
                                               "inv_update_freq", "reseed_layers",
                                               "damping_scheme", "factor_balance",
-                                              "weight_decay")
+                                              "weight_decay", "ema_counter")
                 if getattr(self, k) is not None}
         return replace(h, **over)
 

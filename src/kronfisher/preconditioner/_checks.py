@@ -112,9 +112,12 @@ def check_damping(d) -> float:
     return float(d)
 
 
+EMA_COUNTERS = ("updates", "steps")
+
+
 def check_options(*, ema_decay: float, cov_update_freq: int, inv_update_freq: int,
                   kl_clip: float | None, kl_clip_mode: str, lr: float | None,
-                  nonfinite: str) -> None:
+                  nonfinite: str, ema_counter: str = "updates") -> None:
     """Check the Preconditioner constructor's schedule and clipping arguments.
 
     Raises:
@@ -124,6 +127,8 @@ def check_options(*, ema_decay: float, cov_update_freq: int, inv_update_freq: in
     check_positive_int("inv_update_freq", inv_update_freq)
     if not (0.0 <= ema_decay < 1.0):
         raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+    if ema_counter not in EMA_COUNTERS:
+        raise ValueError(f"ema_counter must be one of {EMA_COUNTERS}, got {ema_counter!r}")
     if kl_clip_mode not in KL_CLIP_MODES:
         raise ValueError(f"kl_clip_mode must be one of {KL_CLIP_MODES}, got {kl_clip_mode!r}")
     if kl_clip is not None and not kl_clip > 0:

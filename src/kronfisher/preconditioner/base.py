@@ -55,8 +55,12 @@ class Preconditioner(StateDictMixin):
             configuration) is registered, all other parameters are left untouched and
             listed in :attr:`skipped` with the reason in :attr:`skip_reasons`.
         damping: λ added to the curvature (see the method's damping scheme).
-        ema_decay: running-average decay ρ; the k-th curvature batch is folded in with
-            decay min(1 − 1/k, ρ). 0 uses only the latest batch.
+        ema_decay: running-average decay ρ; a curvature batch is folded in with decay
+            min(1 − 1/k, ρ), k per ``ema_counter``. 0 uses only the latest batch.
+        ema_counter: what k counts: "updates" (default): k-th curvature batch, so the
+            first ~1/(1 − ρ) batches are averaged equally (Martens & Grosse's warm-up);
+            "steps": the optimizer steps taken before this batch (the paper's code), so
+            with ``cov_update_freq`` ≥ 1/(1 − ρ) every batch after the first gets ρ.
         cov_update_freq: :meth:`collect` records statistics on steps that are a multiple
             of this (others run hook-free); ``collect(force=True)`` always records.
         inv_update_freq: the damped curvature is refactorised every this many steps (and
@@ -89,15 +93,18 @@ class Preconditioner(StateDictMixin):
         lr: float | None = None,
         nonfinite: str = "skip",
         kl_clip_mode: str = "lr2",
+        ema_counter: str = "updates",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError("model must be a torch.nn.Module")
         check_options(ema_decay=ema_decay, cov_update_freq=cov_update_freq,
                       inv_update_freq=inv_update_freq, kl_clip=kl_clip,
-                      kl_clip_mode=kl_clip_mode, lr=lr, nonfinite=nonfinite)
+                      kl_clip_mode=kl_clip_mode, lr=lr, nonfinite=nonfinite,
+                      ema_counter=ema_counter)
         self.model = model
         self.damping = check_damping(damping)
         self.ema_decay = ema_decay
+        self.ema_counter = ema_counter
         self.cov_update_freq = cov_update_freq
         self.inv_update_freq = inv_update_freq
         self.kl_clip = kl_clip
@@ -323,8 +330,15 @@ class Preconditioner(StateDictMixin):
         )
 
     def _decay(self, state: LayerState) -> float:
-        """min(1 − 1/k, ρ) for the k-th curvature batch (k counted from 1)."""
-        return min(1.0 - 1.0 / (state.updates + 1), self.ema_decay)
+        """The decay min(1 − 1/k, ρ) of this curvature batch (0: keep only the new batch).
+
+        k is the layer's count of curvature batches including this one, or with
+        ``ema_counter="steps"`` the optimizer steps taken before it.
+        """
+        k = state.updates + 1 if self.ema_counter == "updates" else self.steps
+        if k < 1:
+            return 0.0
+        return min(1.0 - 1.0 / k, self.ema_decay)
 
     def _kl_scale(self, out: dict, grads: dict) -> float:
         if self.kl_clip is None:

@@ -43,6 +43,7 @@ class KroneckerPreconditioner(Preconditioner):
             paper's code: "factored_pi1" for one term; (A₁ + λI)⊗(G₁ + λI) and
             1 + |s_g||s_a| for two terms). See :class:`~kronfisher.KroneckerSum`.
         kl_clip_mode: "lr2" or "authors" (see :class:`Preconditioner`).
+        ema_counter: "updates" or "steps" (see :class:`Preconditioner`).
         tol, max_iter: solver tolerance (relative) and iteration cap.
     """
 
@@ -67,6 +68,7 @@ class KroneckerPreconditioner(Preconditioner):
         max_iter: int | None = None,
         nonfinite: str = "skip",
         kl_clip_mode: str = "lr2",
+        ema_counter: str = "updates",
     ):
         method = method or self.method
         if damping_scheme not in SCHEMES:
@@ -80,7 +82,7 @@ class KroneckerPreconditioner(Preconditioner):
         super().__init__(
             model, damping=damping, ema_decay=ema_decay, cov_update_freq=cov_update_freq,
             inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
-            kl_clip_mode=kl_clip_mode,
+            kl_clip_mode=kl_clip_mode, ema_counter=ema_counter,
         )
 
     def _update_curvature(self, batch: dict[LayerState, tuple[Tensor, Tensor, tuple]]) -> None:

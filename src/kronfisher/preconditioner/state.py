@@ -15,7 +15,7 @@ __all__ = ["StateDictMixin", "HYPER"]
 
 # the hyper-parameters a state_dict carries (attribute names of the preconditioner)
 HYPER = ("damping", "ema_decay", "cov_update_freq", "inv_update_freq", "kl_clip",
-         "kl_clip_mode", "lr")
+         "kl_clip_mode", "lr", "ema_counter")
 
 
 class StateDictMixin:
