@@ -185,19 +185,24 @@ def _congruence_eigh(
     Computed in float64 for lower-precision input: this route is taken when the shift is
     small next to ‖S1‖, where float32 eigenvalue errors (~eps·‖S1‖) would be a large part
     of the smallest damped eigenvalues (relative solve error 2e-2 against 1e-6 in float64
-    at ‖S1‖_F = 1e4, shift 0.01). The singularity test keeps the input's eps: an
-    eigenvalue below the input's own rounding cannot be told from 0.
+    at ‖S1‖_F = 1e4, shift 0.01). Singular means: without a shift, an eigenvalue within
+    the *input's* rounding bound (it cannot be told from 0); with a shift > 0 the damped
+    factor is positive definite by construction, and only a shift lost in the working
+    precision is refused (MNIST's code layer reaches ‖X1‖ ≈ 9e4 with shift 0.01: in
+    float32 that is rounding level, in float64 a well-defined factorisation).
     """
     dtype = S1.dtype
     work = torch.float64 if torch.finfo(dtype).bits < 64 else dtype
     e, U = eigh(S1.to(work))
     e = e.clamp_min(0) + shift  # X1 is PSD: negative eigenvalues are rounding
     top = float(e.abs().max().clamp_min(torch.finfo(e.dtype).tiny))
-    floor = SINGULAR_EPS_FACTOR * e.numel() * torch.finfo(dtype).eps * top
+    eps = torch.finfo(dtype if shift <= 0 else work).eps
+    floor = SINGULAR_EPS_FACTOR * e.numel() * eps * top
     if float(e.min()) <= floor:
         raise SingularFactorError(
             f"the first {name} factor plus its damping shift {shift:.3g} is numerically"
-            f" singular in {dtype}: smallest eigenvalue {float(e.min()):.3g} ≤"
+            f" singular in {dtype if shift <= 0 else work}: smallest eigenvalue"
+            f" {float(e.min()):.3g} ≤"
             f" {floor:.3g} = {SINGULAR_EPS_FACTOR:g}·n·eps × the largest ({top:.3g});"
             " increase the damping"
         )
