@@ -155,6 +155,29 @@ def test_compare_writes_iterations_per_optimizer(tiny_curves, tmp_path):
     assert "next to the authors' stored runs" in summary and "| identity_kfac |" in summary
 
 
+def test_compare_runs_an_optimizer_at_another_lr_as_its_own_row(tiny_curves, tmp_path):
+    """"adam,adam@3e-3": two runs that differ only in the lr (the tuned baseline beside the
+    preset's), each with its own files and row; a malformed lr or a repeat is refused."""
+    import json
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "--optimizers", "adam,adam@3e-3", "--iterations", "3",
+                 "--batch-size", "32", "--out", str(out), "--no-progress"]) == 0
+    preset = json.loads((out / "runs" / "adam.json").read_text())
+    tuned = json.loads((out / "runs" / "adam@3e-3.json").read_text())
+    assert preset["hyper"]["lr"] == hyper("curves", "adam").lr
+    assert tuned["hyper"]["lr"] == 3e-3 and tuned["config"]["optimizer"] == "adam"
+    first = [float(r["minibatch_loss_pixel"]) for r in
+             csv.DictReader(open(out / "runs" / "adam@3e-3.iterations.csv"))]
+    other = [float(r["minibatch_loss_pixel"]) for r in
+             csv.DictReader(open(out / "runs" / "adam.iterations.csv"))]
+    assert first[0] == other[0] and first[2] != other[2]  # same start, other steps
+    assert "| adam@3e-3 |" in (out / "summary.md").read_text()
+    for bad in ("adam@fast", "adam@-1", "adam,adam"):
+        assert main(["compare", "--optimizers", bad, "--iterations", "1",
+                     "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+
+
 def _tiny_model():
     torch.manual_seed(3)
     return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -21,12 +22,13 @@ def _load(problem: str):
         raise SystemExit(2) from e
 
 
-def _config(args, optimizer: str):
+def _config(args, optimizer: str, lr: float | None = None, label: str | None = None):
     from .bench.runner import RunConfig
 
     return RunConfig(
         problem=args.problem, optimizer=optimizer, preset=args.preset, seed=args.seed,
-        epochs=args.epochs, time_budget=args.time_budget, lr=args.lr, damping=args.damping,
+        epochs=args.epochs, time_budget=args.time_budget, lr=args.lr if lr is None else lr,
+        damping=args.damping, label=label,
         batch_size=args.batch_size, cov_update_freq=args.cov_update_freq,
         inv_update_freq=args.inv_update_freq, solver=args.solver,
         train_subset=args.train_subset, eval_subset=args.eval_subset,
@@ -95,16 +97,21 @@ def _cmd_compare(args) -> int:
     from .bench.problems import ALL_OPTIMIZERS
 
     names = [s.strip() for s in args.optimizers.split(",") if s.strip()]
-    bad = [n for n in names if n not in ALL_OPTIMIZERS]
+    parsed = [_optimizer_with_lr(n) for n in names]
+    bad = [n for n, p in zip(names, parsed) if p is None or p[0] not in ALL_OPTIMIZERS]
     if bad or not names:
-        print(f"kronfisher compare: unknown optimizer(s) {bad}; choose from {ALL_OPTIMIZERS}",
-              file=sys.stderr)
+        print(f"kronfisher compare: unknown optimizer(s) {bad}; choose from {ALL_OPTIMIZERS},"
+              " optionally with @LR (e.g. adam@3e-3: that lr, its own row)", file=sys.stderr)
+        return 2
+    if len(set(names)) != len(names):
+        print("kronfisher compare: an optimizer is listed twice", file=sys.stderr)
         return 2
     if args.epochs is None and args.time_budget is None and args.iterations is None:
         print("kronfisher compare: give --epochs, --time-budget or --iterations",
               file=sys.stderr)
         return 2
-    configs = [_config(args, n) for n in names]
+    configs = [_config(args, p[0], p[1], name if p[1] is not None else None)
+               for name, p in zip(names, parsed) if p is not None]
     try:
         check_writable_dir(args.out)
     except OutputError as e:
@@ -123,6 +130,18 @@ def _cmd_compare(args) -> int:
     print(summarise(results)["markdown"])
     print(f"plots: {args.out / 'loss_vs_epoch.png'}, {args.out / 'loss_vs_time.png'}")
     return 0
+
+
+def _optimizer_with_lr(name: str) -> tuple[str, float | None] | None:
+    """``"adam@3e-3"`` → ("adam", 0.003); ``"kfac"`` → ("kfac", None); None if malformed."""
+    opt, at, lr = name.partition("@")
+    if not at:
+        return opt, None
+    try:
+        value = float(lr)
+    except ValueError:
+        return None
+    return (opt, value) if value > 0 and math.isfinite(value) else None
 
 
 def _compare_interrupted(out: Path):

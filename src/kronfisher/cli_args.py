@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(c)
     c.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                    help=f"comma-separated list from {','.join(ALL_OPTIMIZERS)}"
-                        f" (default: {','.join(OPTIMIZERS)})")
+                        f" (default: {','.join(OPTIMIZERS)}); NAME@LR runs NAME with that"
+                        " learning rate as a row of its own (e.g. adam,adam@3e-3)")
     c.add_argument("--out", type=Path, required=True, help="output folder")
 
     f = sub.add_parser("fisher-error", help="approximation error against the exact Fisher",

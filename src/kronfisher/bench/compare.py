@@ -89,7 +89,7 @@ def _reusable(cfg: RunConfig, path: Path, echo) -> dict | None:
     """
     if not path.exists() and not path.is_symlink():
         return None
-    name = f"[{cfg.optimizer}]"
+    name = f"[{cfg.name}]"
     loaded = load_result(path)
     old = loaded.record
     if old is None:
@@ -142,26 +142,26 @@ def _compare_locked(configs, out: Path, train_data, test_data, progress, echo):
             rescued.append(f"{path.name} → {where or 'stdout'}")
 
     for cfg in configs:
-        path = out / "runs" / f"{cfg.optimizer}.json"
+        path = out / "runs" / f"{cfg.name}.json"
         old = _reusable(cfg, path, echo)
         if old is not None:
-            results[cfg.optimizer] = old
+            results[cfg.name] = old
             continue
-        echo(f"[{cfg.optimizer}] training on {cfg.problem} ...")
+        echo(f"[{cfg.name}] training on {cfg.problem} ...")
         res = train(cfg, train_data, test_data, progress=progress)
         res["signature"] = _signature(cfg)
         res["kronfisher_version"] = _version()
         # per-step rows go to their own CSV (iteration,wall_time,minibatch_loss_pixel)
         iterations = res.pop("iterations", None)  # None: a record from elsewhere (tests)
         if iterations is not None:
-            save(out / "runs" / f"{cfg.optimizer}.iterations.csv", csv_text(iterations))
+            save(out / "runs" / f"{cfg.name}.iterations.csv", csv_text(iterations))
         save(path, json.dumps(res, indent=1, sort_keys=True) + "\n")
-        save(out / "runs" / f"{cfg.optimizer}.csv", csv_text(res["history"]))
+        save(out / "runs" / f"{cfg.name}.csv", csv_text(res["history"]))
         f = res["final"]
-        echo(f"[{cfg.optimizer}] {res['status']}: epoch {f['epoch']:.2f}, train loss"
+        echo(f"[{cfg.name}] {res['status']}: epoch {f['epoch']:.2f}, train loss"
              f" {f['train_loss']:.4f} ({f['train_loss_pixel']:.5f}/pixel), test"
              f" {f['test_loss']:.4f}, {f['wall_time']:.1f}s")
-        results[cfg.optimizer] = res
+        results[cfg.name] = res
     summary = summarise(results)
     if save_json(out / "summary.json", summary["rows"], echo=echo) != out / "summary.json":
         rescued.append("summary.json")

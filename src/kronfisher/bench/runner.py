@@ -55,6 +55,7 @@ class RunConfig:
     factor_balance: str | None = None  # None: the preset's choice
     weight_decay: float | None = None  # None: the preset's choice
     ema_counter: str | None = None  # None: the preset's choice
+    label: str | None = None  # the run's name in a comparison (None: the optimizer's)
 
     def __post_init__(self):
         if self.problem not in PROBLEMS:
@@ -70,6 +71,11 @@ class RunConfig:
             raise ValueError("epochs must be > 0")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ValueError("time_budget must be > 0 seconds")
+
+    @property
+    def name(self) -> str:
+        """The run's name in a comparison: ``label``, else the optimizer."""
+        return self.label or self.optimizer
 
     def resolved_hyper(self) -> Hyper:
         """The preset's hyper-parameters with this config's overrides applied."""
