@@ -64,7 +64,12 @@ def main() -> None:
             cfg = RunConfig(problem=args.problem, optimizer=name, lr=lr,
                             iterations=args.iterations, seed=args.seed, eval_subset=1000)
             t0 = time.perf_counter()
-            rec = train(cfg, train_data, test_data, progress=False)
+            try:
+                rec = train(cfg, train_data, test_data, progress=False)
+            except torch.linalg.LinAlgError as e:  # a peer's own numerical failure
+                print(f"| {name} | {lr:g} | failed: {str(e).splitlines()[0][:70]} | — |",
+                      flush=True)
+                continue
             s = score(rec)
             per_step = (time.perf_counter() - t0) / max(len(rec["iterations"]), 1)
             print(f"| {name} | {lr:g} | {s:.4f} | {per_step:.3f} |", flush=True)
