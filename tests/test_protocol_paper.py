@@ -302,5 +302,6 @@ def test_demo_end_to_end_prints_the_authors_column(tiny_curves, tmp_path, capsys
     out = capsys.readouterr().out
     assert "next to the authors' stored run at the same iteration" in out
     assert "best natural-gradient method" in out and "best first-order" in out
-    for name in ["kfac", "kpsvd", "deflation", "kfac_corrected", "lanczos", "adam", "sgd"]:
+    for name in ["kfac", "kpsvd", "deflation", "kfac_corrected", "lanczos", "adam", "sgd",
+                 "adam@0.003"]:
         assert (tmp_path / "demo" / "runs" / f"{name}.iterations.csv").exists()

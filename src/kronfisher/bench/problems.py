@@ -42,7 +42,8 @@ from torch import Tensor, nn
 
 __all__ = ["Problem", "PROBLEMS", "PRESETS", "Hyper", "build_model", "hyper", "per_example_loss",
            "per_pixel_loss", "pixel_factor", "constant_loss", "OPTIMIZERS", "SECOND_ORDER",
-           "IDENTITY", "EXTRA_FIRST_ORDER", "ALL_OPTIMIZERS", "base_method", "PAPER_TRAIN_SIZE"]
+           "IDENTITY", "EXTRA_FIRST_ORDER", "ALL_OPTIMIZERS", "base_method", "PAPER_TRAIN_SIZE",
+           "TUNED_LR", "demo_optimizers"]
 
 PRESETS = ("classic", "paper")
 SECOND_ORDER = ("kfac", "kpsvd", "deflation", "kfac_corrected", "lanczos")
@@ -55,9 +56,19 @@ ALL_OPTIMIZERS = (*OPTIMIZERS, *EXTRA_FIRST_ORDER, *IDENTITY)
 PAPER_TRAIN_SIZE = {"curves": 16000, "mnist": 50000, "faces": 82800}
 
 # lr of the first-order rivals the paper does not run. SOAP: best of the pilot grid
-# {1e-3, 3e-3, 1e-2} (CURVES, 400 iterations, docs/results.md); Shampoo: untuned (its
-# pilot failed inside pytorch-optimizer's SVD).
+# {1e-3, 3e-3, 1e-2} (CURVES, 1,000 iterations, docs/results.md); Shampoo: untuned (at 1e-3
+# pytorch-optimizer's SVD fails to converge; docs/results.md).
 _EXTRA_LR = {"soap": 1e-2, "shampoo": 1e-3}
+
+# "Tuned" first-order baselines: the best lr of our pilot grid (benchmarks/lr_grid.py,
+# paper preset, 1,000 iterations, seed 0; docs/results.md), run beside the preset's
+# (the authors' 200-epoch grid chose Adam 1e-3, SGD 0.3) as "adam@3e-3" etc.
+TUNED_LR = {"curves": {"adam": 3e-3, "sgd": 1.0, "soap": 1e-2}}
+
+
+def demo_optimizers() -> tuple[str, ...]:
+    """The demo's comparison: the paper's seven and Adam at its tuned lr on CURVES."""
+    return (*OPTIMIZERS, f"adam@{TUNED_LR['curves']['adam']:g}")
 
 
 def base_method(optimizer: str) -> str:
