@@ -63,7 +63,7 @@ _EXTRA_LR = {"soap": 1e-2, "shampoo": 1e-3}
 # "Tuned" first-order baselines: the best lr of our pilot grid (benchmarks/lr_grid.py,
 # paper preset, 1,000 iterations, seed 0; docs/results.md), run beside the preset's
 # (the authors' 200-epoch grid chose Adam 1e-3, SGD 0.3) as "adam@3e-3" etc.
-TUNED_LR = {"curves": {"adam": 3e-3, "sgd": 1.0, "soap": 1e-2}}
+TUNED_LR = {"curves": {"adam": 3e-3, "sgd": 1.0, "soap": 1e-2}, "mnist": {"adam": 1e-3}}
 
 
 def demo_optimizers() -> tuple[str, ...]:
