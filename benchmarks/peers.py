@@ -116,7 +116,12 @@ class Stepper:
         elif method == "shampoo":
             import pytorch_optimizer as po
 
-            self.opt = po.Shampoo(params, lr=1e-3, momentum=0.9,
+            # momentum 0: pytorch-optimizer 4.1.0 mixes its momentum buffer (the
+            # *preconditioned* previous step) into the gradient whose outer products
+            # it accumulates, so with momentum the statistics grow without bound and
+            # its SVD fails on non-finite input within a few refreshes at T = 10.
+            # The momentum lerp is one elementwise op, so the timing is unaffected.
+            self.opt = po.Shampoo(params, lr=1e-3, momentum=0.0,
                                   preconditioning_compute_steps=T)
         elif method == "soap":
             import pytorch_optimizer as po
