@@ -23,9 +23,10 @@ from ..preconditioner.kronecker import KroneckerPreconditioner
 from .problems import SECOND_ORDER, Hyper, base_method
 
 __all__ = ["PRECONDITIONERS", "IdentityCurvature", "Optimizers", "make_optimizers",
-           "FACTOR_BALANCES", "kfac_trace_split"]
+           "FACTOR_BALANCES", "STEP_RULES", "kfac_trace_split"]
 
 FACTOR_BALANCES = ("sqrt_sigma", "kfac_trace")
+STEP_RULES = ("sgd", "adaptive")
 
 PRECONDITIONERS = {"kfac": KFAC, "kpsvd": KPSVD, "deflation": Deflation,
                    "kfac_corrected": KFACCorrected, "lanczos": Lanczos}
@@ -129,9 +130,13 @@ def make_optimizers(name: str, model: nn.Module, h: Hyper, *, solver: str = "aut
         return Optimizers(opt, None)
     if h.damping is None:
         raise ValueError(f"optimizer {name!r} needs a damping value")
+    if h.step_rule not in STEP_RULES:
+        raise ValueError(f"step_rule must be one of {STEP_RULES}, got {h.step_rule!r}")
     kw: dict[str, Any] = dict(
         damping=h.damping, ema_decay=h.ema_decay, cov_update_freq=h.cov_update_freq,
-        inv_update_freq=h.inv_update_freq, kl_clip=h.kl_clip, lr=h.lr,
+        inv_update_freq=h.inv_update_freq,
+        # the adaptive step rule applies the norm constraint itself
+        kl_clip=None if h.step_rule == "adaptive" else h.kl_clip, lr=h.lr,
         damping_scheme=h.damping_scheme, kl_clip_mode=h.kl_clip_mode,
         ema_counter=h.ema_counter)
     if h.factor_balance not in FACTOR_BALANCES:
@@ -146,4 +151,21 @@ def make_optimizers(name: str, model: nn.Module, h: Hyper, *, solver: str = "aut
         pc = split_cls(model, solver=solver, **kw)
     else:
         pc = PRECONDITIONERS[method](model, solver=solver, **kw)
+    if h.step_rule == "adaptive":
+        return Optimizers(_adaptive(pc, h), pc)
     return Optimizers(opt, pc)
+
+
+def _adaptive(pc: Preconditioner, h: Hyper) -> torch.optim.Optimizer:
+    """The ``adaptive`` step rule: :class:`kronfisher.optim.AdaptiveNG` over ``pc``.
+
+    Weight decay enters the quadratic model as η (not the torch optimizer); the damping
+    ``h.damping`` is the initial λ.
+    """
+    from ..optim import AdaptiveNG
+
+    return AdaptiveNG(pc, lr=None if h.auto_lr else h.lr,
+                      momentum=None if h.auto_momentum else h.momentum,
+                      damping=h.damping, damping_update_freq=h.damping_update_freq,
+                      weight_decay=h.weight_decay, quad_model=h.quad_model,
+                      kl_clip=h.kl_clip)

@@ -45,7 +45,7 @@ __all__ = ["Problem", "PROBLEMS", "PRESETS", "Hyper", "build_model", "hyper", "p
            "IDENTITY", "EXTRA_FIRST_ORDER", "ALL_OPTIMIZERS", "base_method", "PAPER_TRAIN_SIZE",
            "TUNED_LR", "demo_optimizers"]
 
-PRESETS = ("classic", "paper")
+PRESETS = ("classic", "paper", "adaptive")
 SECOND_ORDER = ("kfac", "kpsvd", "deflation", "kfac_corrected", "lanczos")
 OPTIMIZERS = (*SECOND_ORDER, "adam", "sgd")  # the paper's seven (the default comparison)
 IDENTITY = tuple(f"identity_{m}" for m in SECOND_ORDER)  # curvature replaced by I (controls)
@@ -139,6 +139,15 @@ class Hyper:
     reseed_layers: bool = False  # re-seed the RNG before each layer's initialisation
     factor_balance: str = "sqrt_sigma"  # split of σ in the SVD methods' first term
     ema_counter: str = "updates"  # what k counts in the decay min(1 − 1/k, ρ)
+    # "sgd": torch SGD on the preconditioned gradients (paper, classic); "adaptive":
+    # kronfisher.optim.AdaptiveNG (LM damping, step from the quadratic model; bench/adaptive.py)
+    step_rule: str = "sgd"
+    auto_lr: bool = False  # adaptive: α from the quadratic model (else ``lr``)
+    auto_momentum: bool = False  # adaptive: μ from the quadratic model (else ``momentum``)
+    damping_update_freq: int = 5  # adaptive: T_λ
+    quad_model: str = "ggn"  # adaptive: curvature of q(δ) in ρ ("ggn" exact, "approx")
+    jvp_fraction: float = 1.0  # adaptive: share of the minibatch the JVPs and ρ use
+    curvature_estimator: str = "sampled"  # "sampled" targets or curvature "propagation"
 
 
 def hyper(problem: str, optimizer: str, preset: str = "paper") -> Hyper:
@@ -147,6 +156,10 @@ def hyper(problem: str, optimizer: str, preset: str = "paper") -> Hyper:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose from {ALL_OPTIMIZERS}")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}")
+    if preset == "adaptive":
+        from .adaptive import adaptive_hyper  # the preset lives in its own file
+
+        return adaptive_hyper(problem, optimizer, hyper(problem, optimizer, "paper"))
     p = PROBLEMS[problem]
     method = base_method(optimizer)
     if method in _EXTRA_LR:
@@ -190,6 +203,8 @@ def build_model(problem: str, preset: str = "paper", *, seed: int = 0,
         raise ValueError(f"unknown problem {problem!r}; choose from {tuple(PROBLEMS)}")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}")
+    if preset == "adaptive":  # the paper's network and initialisation
+        preset = "paper"
     p = PROBLEMS[problem]
     gen = torch.Generator().manual_seed(seed)
     code = len(p.encoder) - 2  # index of the Linear layer producing the code

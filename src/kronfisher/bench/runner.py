@@ -170,6 +170,9 @@ def train(cfg: RunConfig, train_data: Tensor, test_data: Tensor, *, progress: bo
     built = make_optimizers(cfg.optimizer, model, h, solver=cfg.solver)
     opt, pc = built.optimizer, built.preconditioner
     n_curv = max(1, int(round(bs * h.curvature_fraction)))
+    adaptive = h.step_rule == "adaptive"
+    n_jvp = max(1, int(round(bs * h.jvp_fraction)))
+    trace: list[dict] = []  # adaptive step rule: λ, α, μ, ρ per step
     px = pixel_factor(cfg.problem)
 
     history: list[dict] = []
@@ -217,20 +220,25 @@ def train(cfg: RunConfig, train_data: Tensor, test_data: Tensor, *, progress: bo
                     (sampled_nll(model(x[:n_curv]), p.likelihood) * h.loss_scale).backward()
             sync()
             t1 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss = per_example_loss(model(x), x, p.likelihood).mean()
-            (loss * h.loss_scale).backward()
-            loss_value = loss.item()
-            t2 = time.perf_counter()
-            ok = True
-            if not math.isfinite(loss_value):
-                ok = False
-            elif pc is not None:
-                ok = pc.step()
-            sync()
-            t3 = time.perf_counter()
-            if ok:
-                opt.step()
+            if adaptive:
+                loss_value, ok, t2, t3 = _adaptive_step(opt, model, x, p.likelihood, h, n_jvp,
+                                                        sync)
+                trace.append(_trace_row(step + 1, opt))
+            else:
+                opt.zero_grad(set_to_none=True)
+                loss = per_example_loss(model(x), x, p.likelihood).mean()
+                (loss * h.loss_scale).backward()
+                loss_value = loss.item()
+                t2 = time.perf_counter()
+                ok = True
+                if not math.isfinite(loss_value):
+                    ok = False
+                elif pc is not None:
+                    ok = pc.step()
+                sync()
+                t3 = time.perf_counter()
+                if ok:
+                    opt.step()
             sync()
             t4 = time.perf_counter()
             wall += t4 - t0
@@ -280,4 +288,51 @@ def train(cfg: RunConfig, train_data: Tensor, test_data: Tensor, *, progress: bo
         "steps_per_epoch": steps_per_epoch,
         "train_examples": n,
         "torch_threads": torch.get_num_threads(),
+        "adaptive_trace": trace,
     }
+
+
+def _adaptive_step(opt, model: torch.nn.Module, x: Tensor, likelihood: str, h: Hyper,
+                   n_jvp: int, sync) -> tuple[float, bool, float, float]:
+    """One :class:`~kronfisher.optim.AdaptiveNG` step on minibatch ``x``.
+
+    The closure is the training objective (``h.loss_scale`` × mean per-example NLL) on the
+    whole minibatch; the quadratic model's JVPs and ρ use its first ``n_jvp`` examples.
+
+    Returns:
+        (per-example loss before the update, whether that loss is finite, time after the
+        closure, time after the step).
+    """
+    seen: dict[str, float] = {}
+
+    def closure() -> Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = per_example_loss(model(x), x, likelihood).mean()
+        seen["loss"] = loss.item()
+        scaled = loss * h.loss_scale
+        scaled.backward()
+        sync()
+        seen["t"] = time.perf_counter()
+        return scaled.detach()
+
+    xj = x[:n_jvp]
+
+    def loss_fn(out: Tensor) -> Tensor:
+        return per_example_loss(out, xj, likelihood).mean() * h.loss_scale
+
+    opt.step(closure, inputs=xj, loss_fn=loss_fn)
+    sync()
+    t3 = time.perf_counter()
+    # a step the optimizer declined (non-finite model, damping raised) is not a divergence:
+    # the parameters are unchanged and the trace records it
+    return seen["loss"], math.isfinite(seen["loss"]), seen["t"], t3
+
+
+def _trace_row(iteration: int, opt) -> dict:
+    """The adaptive step's λ, α, μ, ρ (``opt.last_step``) as a JSON row."""
+    last = opt.last_step
+    row: dict = {"iteration": iteration}
+    if last is not None:
+        for k, v in asdict(last).items():
+            row[k] = v if isinstance(v, bool | int | float | str) or v is None else float(v)
+    return row
