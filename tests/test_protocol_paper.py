@@ -296,12 +296,18 @@ def test_factor_balance_option_reaches_the_preconditioner():
         make_optimizers("kpsvd", model, replace(h, factor_balance="nope"))
 
 
-def test_demo_end_to_end_prints_the_authors_column(tiny_curves, tmp_path, capsys):
-    assert main(["demo", "--time-budget", "0.2", "--out", str(tmp_path / "demo"),
-                 "--no-progress"]) == 0
+@pytest.mark.parametrize("preset, names", [
+    ("paper", ["kfac", "kpsvd", "deflation", "kfac_corrected", "lanczos", "adam", "sgd",
+               "adam@0.003"]),
+    (None, ["kfac", "kpsvd", "deflation", "kfac_corrected", "lanczos", "adam@0.003"]),
+])
+def test_demo_end_to_end_prints_the_authors_column(tiny_curves, tmp_path, capsys, preset,
+                                                   names):
+    argv = ["demo", "--time-budget", "0.2", "--out", str(tmp_path / "demo"), "--no-progress"]
+    assert main(argv + (["--preset", preset] if preset else [])) == 0
     out = capsys.readouterr().out
     assert "next to the authors' stored run at the same iteration" in out
     assert "best natural-gradient method" in out and "best first-order" in out
-    for name in ["kfac", "kpsvd", "deflation", "kfac_corrected", "lanczos", "adam", "sgd",
-                 "adam@0.003"]:
-        assert (tmp_path / "demo" / "runs" / f"{name}.iterations.csv").exists()
+    assert ("adaptive preset" in out) == (preset is None)
+    runs = sorted(p.name for p in (tmp_path / "demo" / "runs").glob("*.iterations.csv"))
+    assert runs == sorted(f"{name}.iterations.csv" for name in names)

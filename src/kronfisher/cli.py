@@ -185,14 +185,19 @@ def _cmd_fisher_error(args) -> int:
 def _cmd_demo(args) -> int:
     from .bench.problems import demo_optimizers
 
-    names = demo_optimizers()
-    print(f"kronfisher demo: {', '.join(names)} on CURVES (paper preset: the authors'"
-          f" protocol; {names[-1]}: Adam at the lr our pilot grid picked),"
+    preset = getattr(args, "preset", "adaptive")
+    names = demo_optimizers(preset)
+    what = ("adaptive preset: the objective's own Fisher, Levenberg-Marquardt damping, step"
+            " from the quadratic model" if preset == "adaptive"
+            else "paper preset: the authors' protocol")
+    print(f"kronfisher demo: {', '.join(names)} on CURVES ({what};"
+          f" {names[-1]}: Adam at the lr our pilot grid picked),"
           f" {args.time_budget:g} s of training each (about"
           f" {len(names) * args.time_budget / 60:.0f} min plus evaluation); results in",
           args.out, flush=True)
     t0 = time.time()
-    argv = ["compare", "--problem", "curves", "--optimizers", ",".join(names),
+    argv = ["compare", "--problem", "curves", "--preset", preset,
+            "--optimizers", ",".join(names),
             "--time-budget", str(args.time_budget), "--out", str(args.out)]
     if args.no_progress:
         argv.append("--no-progress")

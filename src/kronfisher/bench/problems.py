@@ -66,9 +66,16 @@ _EXTRA_LR = {"soap": 1e-2, "shampoo": 1e-3}
 TUNED_LR = {"curves": {"adam": 3e-3, "sgd": 1.0, "soap": 1e-2}, "mnist": {"adam": 1e-3}}
 
 
-def demo_optimizers() -> tuple[str, ...]:
-    """The demo's comparison: the paper's seven and Adam at its tuned lr on CURVES."""
-    return (*OPTIMIZERS, f"adam@{TUNED_LR['curves']['adam']:g}")
+def demo_optimizers(preset: str = "adaptive") -> tuple[str, ...]:
+    """The demo's comparison on CURVES, Adam at its tuned lr last.
+
+    ``adaptive`` (``make demo``): the five Kronecker methods under the adaptive preset
+    against tuned Adam; ``paper``: the paper's seven and tuned Adam.
+    """
+    adam = f"adam@{TUNED_LR['curves']['adam']:g}"
+    if preset == "adaptive":
+        return (*SECOND_ORDER, adam)
+    return (*OPTIMIZERS, adam)
 
 
 def base_method(optimizer: str) -> str:

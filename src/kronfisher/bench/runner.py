@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import Tensor
 
-from ..losses import sampled_nll
+from ..losses import curvature_propagation_loss, sampled_nll
 from .optimizers import PRECONDITIONERS, make_optimizers
 from .problems import (
     ALL_OPTIMIZERS,
@@ -217,7 +217,8 @@ def train(cfg: RunConfig, train_data: Tensor, test_data: Tensor, *, progress: bo
             if pc is not None and pc.steps % h.cov_update_freq == 0:
                 opt.zero_grad(set_to_none=True)
                 with pc.collect():
-                    (sampled_nll(model(x[:n_curv]), p.likelihood) * h.loss_scale).backward()
+                    (_curvature_loss(model(x[:n_curv]), p.likelihood, h.curvature_estimator)
+                     * h.loss_scale).backward()
             sync()
             t1 = time.perf_counter()
             if adaptive:
@@ -290,6 +291,19 @@ def train(cfg: RunConfig, train_data: Tensor, test_data: Tensor, *, progress: bo
         "torch_threads": torch.get_num_threads(),
         "adaptive_trace": trace,
     }
+
+
+CURVATURE_ESTIMATORS = ("sampled", "propagation")
+
+
+def _curvature_loss(outputs: Tensor, likelihood: str, estimator: str) -> Tensor:
+    """The curvature batch's loss: sampled targets, or curvature propagation."""
+    if estimator == "sampled":
+        return sampled_nll(outputs, likelihood)
+    if estimator == "propagation":
+        return curvature_propagation_loss(outputs, likelihood)
+    raise ValueError(f"curvature_estimator must be one of {CURVATURE_ESTIMATORS},"
+                     f" got {estimator!r}")
 
 
 def _adaptive_step(opt, model: torch.nn.Module, x: Tensor, likelihood: str, h: Hyper,
