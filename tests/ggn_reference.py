@@ -62,18 +62,34 @@ def output_hessian(model: nn.Module, x: torch.Tensor, likelihood: str, reduction
     return H.reshape(n, n)
 
 
-def layer_ggn(model: nn.Module, layer: nn.Linear, x: torch.Tensor, likelihood: str,
-              reduction: str) -> torch.Tensor:
-    """The exact GGN block Jᵀ H J of one Linear layer, in the column-stacking vec of [W b]."""
+def layer_jacobian(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """∂ vec(outputs) / ∂ vec([W b]) of one Linear or Conv2d layer, (N·D, d_g·d_a)."""
     prefix = next(n for n, mod in model.named_modules() if mod is layer)
 
     def f(w, b):
         return functional_call(model, {f"{prefix}.weight": w, f"{prefix}.bias": b}, (x,))
 
-    Jw, Jb = jacrev(f, argnums=(0, 1))(layer.weight.detach(), layer.bias.detach())
-    n_out = Jb.numel() // layer.out_features
-    J = torch.cat([Jw.reshape(n_out, *layer.weight.shape), Jb.reshape(n_out, -1, 1)], -1)
-    J = J.mT.reshape(n_out, -1)  # vec(V) = V.T.reshape(-1), V = [W b]
+    w = layer.weight.detach()
+    Jw, Jb = jacrev(f, argnums=(0, 1))(w, layer.bias.detach())
+    d_g = w.shape[0]
+    n_out = Jb.numel() // d_g
+    J = torch.cat([Jw.reshape(n_out, d_g, -1), Jb.reshape(n_out, d_g, 1)], -1)
+    return J.mT.reshape(n_out, -1).detach()  # vec(V) = V.T.reshape(-1), V = [W b]
+
+
+def layer_ggn_of(model: nn.Module, layer: nn.Module, x: torch.Tensor, loss_fn) -> torch.Tensor:
+    """Jᵀ H J of one layer for any loss of the outputs (H = torch.func.hessian(loss_fn))."""
+    with torch.no_grad():
+        out = model(x)
+    H = hessian(loss_fn)(out).reshape(out.numel(), out.numel())
+    J = layer_jacobian(model, layer, x)
+    return (J.T @ H @ J).detach()
+
+
+def layer_ggn(model: nn.Module, layer: nn.Linear, x: torch.Tensor, likelihood: str,
+              reduction: str) -> torch.Tensor:
+    """The exact GGN block Jᵀ H J of one Linear layer, in the column-stacking vec of [W b]."""
+    J = layer_jacobian(model, layer, x)
     return (J.T @ output_hessian(model, x, likelihood, reduction) @ J).detach()
 
 
