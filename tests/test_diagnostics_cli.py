@@ -44,8 +44,9 @@ def test_paper_preset_shows_the_pixel_factor_gap(tiny_curves, capsys):
 
 
 def test_preset_with_unit_loss_scale_shows_ratio_one(tiny_curves, capsys):
-    out, rows, median = run(capsys, "--preset", "classic", "--optimizer", "kfac_corrected")
-    assert "loss_scale 1 ×" in out and "expected ≈ 1" in out
+    out, rows, median = run(capsys, "--preset", "classic", "--optimizer", "kfac_corrected",
+                            "--steps", "1", "--fresh")
+    assert "loss_scale 1 ×" in out and "expected ≈ 1" in out and "this batch alone" in out
     assert all(0.5 < float(r[4]) < 2.0 for r in rows)
     assert 0.5 < median < 2.0
 

@@ -256,7 +256,8 @@ def _cmd_curvature_scale(args) -> int:
                     seed=args.seed, iterations=max(args.steps, 1), batch_size=args.batch)
     tr, te = _load(args.problem)
     try:
-        report = curvature_scale_report(cfg, tr, te, steps=args.steps, n_vectors=args.vectors)
+        report = curvature_scale_report(cfg, tr, te, steps=args.steps, n_vectors=args.vectors,
+                                        fresh=args.fresh)
     except ValueError as e:
         print(f"kronfisher curvature-scale: {e}", file=sys.stderr)
         return 2

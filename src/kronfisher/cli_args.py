@@ -133,6 +133,9 @@ def add_curvature_scale_parser(sub) -> None:
                         " preset's fraction of it")
     s.add_argument("--steps", type=nonnegative_int, default=0,
                    help="training steps before measuring (default 0: at the initialisation)")
+    s.add_argument("--fresh", action="store_true",
+                   help="measure the new curvature batch alone, not the running average"
+                        " (after --steps the average also lags behind)")
     s.add_argument("--vectors", type=positive_int, default=4,
                    help="random directions per layer (default 4)")
     s.add_argument("--seed", type=int, default=0)

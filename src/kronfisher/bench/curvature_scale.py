@@ -4,7 +4,9 @@ The run is built exactly as :func:`~kronfisher.bench.runner.train` builds it (sa
 preset, hyper-parameters and optimizers), optionally trained for a few steps with the
 runner's own loop, then given one curvature batch exactly as the runner takes it
 (:func:`~kronfisher.bench.runner.collect_curvature_batch`: the sampled NLL times the
-preset's ``loss_scale``), folded in by one ``step()`` after the training loss's backward.
+preset's ``loss_scale``), folded in by one ``step()`` after the training loss's backward
+(into the running average, or alone with ``fresh``: after training steps the average
+also lags behind the current curvature).
 The table compares that curvature with the exact GGN of the run's training objective
 (``loss_scale`` × the mean per-example NLL) on the curvature batch
 (:func:`~kronfisher.diagnostics.curvature_scale`).
@@ -43,6 +45,7 @@ class CurvatureScaleReport:
         loss_scale: the preset's factor on both the training and the curvature loss.
         curvature_examples: examples in the measured curvature batch.
         rows: one row per registered layer.
+        fresh: F̂ is the measured batch's curvature alone (else the running average).
     """
 
     config: RunConfig
@@ -50,6 +53,7 @@ class CurvatureScaleReport:
     loss_scale: float
     curvature_examples: int
     rows: list[LayerScaleRow]
+    fresh: bool = False
 
     def text(self) -> str:
         """The table with a header saying what was measured and what to expect."""
@@ -57,13 +61,18 @@ class CurvatureScaleReport:
         expect = ("≈ 1 (curvature at the objective's scale)" if c == 1.0 else
                   f"≈ {c:.3g} if the curvature batch carries loss_scale = {c:.3g} where its"
                   f" square root was due (the `paper` preset, reproducing the authors)")
+        if self.steps and not self.fresh:
+            expect += ("; the running average after training steps reads lower where the"
+                       " curvature grew (it lags; --fresh measures the new batch alone)")
         ratios = sorted(r.ratio for r in self.rows)
         median = ratios[len(ratios) // 2]
         return "\n".join([
             f"curvature scale: {self.config.problem}, preset {self.config.preset},"
             f" {self.config.optimizer}, after {self.steps} step(s), curvature batch of"
             f" {self.curvature_examples} (seed {self.config.seed})",
-            "vᵀF̂v: the preconditioner's undamped curvature; vᵀJᵀHJv: the exact GGN of the"
+            "vᵀF̂v: the preconditioner's undamped curvature ("
+            + ("this batch alone" if self.fresh else "its running average, this batch folded"
+               " in") + "); vᵀJᵀHJv: the exact GGN of the"
             f" training objective (loss_scale {c:.4g} × mean per-example NLL); means over"
             f" {len(self.rows[0].ggn_quad) if self.rows else 0} random unit v per layer",
             format_table(self.rows),
@@ -72,7 +81,8 @@ class CurvatureScaleReport:
 
 
 def curvature_scale_report(cfg: RunConfig, train_data: Tensor, test_data: Tensor, *,
-                           steps: int = 0, n_vectors: int = 4) -> CurvatureScaleReport:
+                           steps: int = 0, n_vectors: int = 4, fresh: bool = False
+                           ) -> CurvatureScaleReport:
     """Build the run of ``cfg``, train ``steps`` steps, take one curvature batch, measure.
 
     Args:
@@ -82,6 +92,9 @@ def curvature_scale_report(cfg: RunConfig, train_data: Tensor, test_data: Tensor
         test_data: its test set (evaluated by the training steps only).
         steps: training steps first, with the runner's loop (0: measure at the init).
         n_vectors: random directions per layer.
+        fresh: measure the curvature of the measured batch alone (it replaces the running
+            average) instead of the running average the preconditioner would use; after
+            training steps this separates the scale from the average's lag.
 
     Raises:
         ValueError: the optimizer has no preconditioner (first-order methods), or
@@ -102,6 +115,8 @@ def curvature_scale_report(cfg: RunConfig, train_data: Tensor, test_data: Tensor
     idx = torch.randperm(len(data), generator=gen)[: setup.batch_size].to(data.device)
     x = data[idx]
     h, model, lik = setup.hyper, setup.model, setup.problem.likelihood
+    if fresh:
+        pc.ema_decay = 0.0  # a throw-away run: the measured batch replaces the average
     collect_curvature_batch(setup, x, force=True)
     setup.optimizer.zero_grad(set_to_none=True)
     (per_example_loss(model(x), x, lik).mean() * h.loss_scale).backward()
@@ -114,4 +129,5 @@ def curvature_scale_report(cfg: RunConfig, train_data: Tensor, test_data: Tensor
 
     rows = curvature_scale(pc, model, xc, objective, n_vectors=n_vectors, generator=gen)
     return CurvatureScaleReport(config=cfg, steps=steps, loss_scale=h.loss_scale,
-                                curvature_examples=setup.curvature_examples, rows=rows)
+                                curvature_examples=setup.curvature_examples, rows=rows,
+                                fresh=fresh)
