@@ -124,9 +124,11 @@ def test_curvature_scale_is_one_for_the_exact_ggn_and_c_for_the_paper_scaling(li
     for r in curvature_scale(pc, model, x, objective, n_vectors=3):
         assert r.ratios == pytest.approx([c] * 3, rel=1e-9)
         assert r.ratio == pytest.approx(c, rel=1e-9)
-    text = format_table(rows)
-    assert text.splitlines()[0].split()[:2] == ["layer", "params"]
-    assert len(text.splitlines()) == 3 and " 1 " in f" {rows[0].ratio:.4g} "
+    lines = format_table(rows).splitlines()
+    assert lines[0].split()[:2] == ["layer", "params"] and len(lines) == 3
+    cells = lines[1].split()  # layer, params, means of both forms, ratio, range, λ, λ/λmax
+    assert cells[:2] == ["0", str(rows[0].n_params)] and float(cells[4]) == 1.0
+    assert float(cells[-1]) == pytest.approx(rows[0].damping_ratio, rel=1e-3)
 
 
 def test_curvature_scale_needs_curvature_and_valid_options():
