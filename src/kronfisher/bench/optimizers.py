@@ -78,11 +78,8 @@ class _KFACTraceSplit:
     Each estimate goes through :func:`kfac_trace_split` before it enters the running average.
     """
 
-    def _update_curvature(self, batch):
-        for s, (a, g, spatial) in batch.items():
-            new = kfac_trace_split(self.estimator.estimate(a, g, spatial, s.curvature), a)
-            s.curvature = self.estimator.average(s.curvature, new, self._decay(s))
-            s.updates += 1
+    def _adjust_estimate(self, new: KroneckerSum, a: Tensor) -> KroneckerSum:
+        return kfac_trace_split(new, a)
 
 
 @dataclass

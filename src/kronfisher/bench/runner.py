@@ -8,14 +8,16 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..losses import curvature_propagation_loss, sampled_nll
+from ..preconditioner import Preconditioner
+from .adaptive_step import adaptive_step, curvature_loss, trace_row
 from .optimizers import PRECONDITIONERS, make_optimizers
 from .problems import (
     ALL_OPTIMIZERS,
     PROBLEMS,
     Hyper,
+    Problem,
     build_model,
     hyper,
     per_example_loss,
@@ -23,8 +25,8 @@ from .problems import (
     pixel_factor,
 )
 
-__all__ = ["RunConfig", "train", "evaluate", "split_train", "PRECONDITIONERS",
-           "ITERATION_FIELDS"]
+__all__ = ["RunConfig", "RunSetup", "prepare_run", "collect_curvature_batch", "train",
+           "evaluate", "split_train", "PRECONDITIONERS", "ITERATION_FIELDS"]
 
 ITERATION_FIELDS = ("iteration", "wall_time", "minibatch_loss_pixel")
 SPLIT_SEED = 0  # the train/validation split is the same for every run seed
@@ -101,6 +103,84 @@ def split_train(train_data: Tensor, size: int | None) -> Tensor:
 
 
 @dataclass
+class RunSetup:
+    """What :func:`train` builds before its first step (:func:`prepare_run`).
+
+    Attributes:
+        hyper: the resolved hyper-parameters.
+        problem: the auto-encoder problem.
+        device: the run's device.
+        model: the initialised model (trained in place by :func:`train`).
+        optimizer: the torch optimizer.
+        preconditioner: the second-order methods' preconditioner (None for first-order).
+        train_data, eval_train, eval_test: the run's training split and evaluation sets.
+        batch_size: the minibatch size.
+        steps_per_epoch: optimizer steps per epoch.
+        curvature_examples: examples of each minibatch in the curvature batch.
+    """
+
+    hyper: Hyper
+    problem: Problem
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    preconditioner: Preconditioner | None
+    train_data: Tensor
+    eval_train: Tensor
+    eval_test: Tensor
+    batch_size: int
+    steps_per_epoch: int
+    curvature_examples: int
+
+
+def prepare_run(cfg: RunConfig, train_data: Tensor, test_data: Tensor) -> RunSetup:
+    """Seed, build the model and optimizers and split the data exactly as :func:`train` does."""
+    h = cfg.resolved_hyper()
+    p = PROBLEMS[cfg.problem]
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.problem, cfg.preset, seed=cfg.seed,
+                        reseed_layers=h.reseed_layers).to(device)
+    if cfg.train_subset:
+        train_data = train_data[: cfg.train_subset]
+    else:
+        train_data = split_train(train_data, h.train_size)
+    eval_train = train_data[: cfg.eval_subset] if cfg.eval_subset else train_data
+    eval_test = test_data[: cfg.eval_subset] if cfg.eval_subset else test_data
+    train_data, eval_train, eval_test = (t.to(device) for t in (train_data, eval_train,
+                                                                eval_test))
+    n = len(train_data)
+    bs = min(h.batch_size, n)
+    steps_per_epoch = math.ceil(n / bs) if h.partial_last_batch else max(n // bs, 1)
+    built = make_optimizers(cfg.optimizer, model, h, solver=cfg.solver)
+    n_curv = max(1, int(round(bs * h.curvature_fraction)))
+    return RunSetup(hyper=h, problem=p, device=device, model=model, optimizer=built.optimizer,
+                    preconditioner=built.preconditioner, train_data=train_data,
+                    eval_train=eval_train, eval_test=eval_test, batch_size=bs,
+                    steps_per_epoch=steps_per_epoch, curvature_examples=n_curv)
+
+
+def collect_curvature_batch(setup: RunSetup, x: Tensor, *, force: bool = False) -> None:
+    """The run's curvature batch from the minibatch ``x``, as every training step takes it.
+
+    The curvature loss (``hyper.curvature_estimator``: sampled NLL or curvature
+    propagation) of the first ``curvature_examples`` images, times the preset's
+    ``loss_scale`` (like the training loss), backward inside ``collect()``; the gradients
+    are cleared first. ``force`` records off the ``cov_update_freq`` schedule.
+
+    Raises:
+        ValueError: the run has no preconditioner.
+    """
+    pc = setup.preconditioner
+    if pc is None:
+        raise ValueError("this run's optimizer has no preconditioner (no curvature to collect)")
+    setup.optimizer.zero_grad(set_to_none=True)
+    with pc.collect(force=force):
+        (curvature_loss(setup.model(x[: setup.curvature_examples]), setup.problem.likelihood,
+                        setup.hyper.curvature_estimator) * setup.hyper.loss_scale).backward()
+
+
+@dataclass
 class _Phases:
     forward_backward: float = 0.0
     curvature_batch: float = 0.0
@@ -137,8 +217,11 @@ def _progress(total_steps: int | None, enabled: bool):
 
 
 def train(cfg: RunConfig, train_data: Tensor, test_data: Tensor, *, progress: bool = True,
-          log=None) -> dict:
+          log=None, setup: RunSetup | None = None) -> dict:
     """Train per ``cfg``; returns a JSON-serialisable record (history, phase times, status).
+
+    ``setup``: a :func:`prepare_run` of the same ``cfg`` and data, whose model is then
+    trained in place (default: prepared here).
 
     The training and test losses are evaluated on the whole sets (or their first
     ``eval_subset`` examples) after every epoch and at the end; ``wall_time`` counts
@@ -149,27 +232,11 @@ def train(cfg: RunConfig, train_data: Tensor, test_data: Tensor, *, progress: bo
     (from 1), training wall time after the step, and the per-pixel loss of that step's
     minibatch before the update.
     """
-    h = cfg.resolved_hyper()
-    p = PROBLEMS[cfg.problem]
-    device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.problem, cfg.preset, seed=cfg.seed,
-                        reseed_layers=h.reseed_layers).to(device)
-    if cfg.train_subset:
-        train_data = train_data[: cfg.train_subset]
-    else:
-        train_data = split_train(train_data, h.train_size)
-    eval_train = train_data[: cfg.eval_subset] if cfg.eval_subset else train_data
-    eval_test = test_data[: cfg.eval_subset] if cfg.eval_subset else test_data
-    train_data, eval_train, eval_test = (t.to(device) for t in (train_data, eval_train,
-                                                                eval_test))
-    n = len(train_data)
-    bs = min(h.batch_size, n)
-    steps_per_epoch = math.ceil(n / bs) if h.partial_last_batch else max(n // bs, 1)
-
-    built = make_optimizers(cfg.optimizer, model, h, solver=cfg.solver)
-    opt, pc = built.optimizer, built.preconditioner
-    n_curv = max(1, int(round(bs * h.curvature_fraction)))
+    run = setup if setup is not None else prepare_run(cfg, train_data, test_data)
+    h, p, device, model = run.hyper, run.problem, run.device, run.model
+    train_data, eval_train, eval_test = run.train_data, run.eval_train, run.eval_test
+    n, bs, steps_per_epoch = len(train_data), run.batch_size, run.steps_per_epoch
+    opt, pc = run.optimizer, run.preconditioner
     adaptive = h.step_rule == "adaptive"
     n_jvp = max(1, int(round(bs * h.jvp_fraction)))
     trace: list[dict] = []  # adaptive step rule: λ, α, μ, ρ per step
@@ -215,16 +282,13 @@ def train(cfg: RunConfig, train_data: Tensor, test_data: Tensor, *, progress: bo
             sync()
             t0 = time.perf_counter()
             if pc is not None and pc.steps % h.cov_update_freq == 0:
-                opt.zero_grad(set_to_none=True)
-                with pc.collect():
-                    (_curvature_loss(model(x[:n_curv]), p.likelihood, h.curvature_estimator)
-                     * h.loss_scale).backward()
+                collect_curvature_batch(run, x)
             sync()
             t1 = time.perf_counter()
             if adaptive:
-                loss_value, ok, t2, t3 = _adaptive_step(opt, model, x, p.likelihood, h, n_jvp,
+                loss_value, ok, t2, t3 = adaptive_step(opt, model, x, p.likelihood, h, n_jvp,
                                                         sync)
-                trace.append(_trace_row(step + 1, opt))
+                trace.append(trace_row(step + 1, opt))
             else:
                 opt.zero_grad(set_to_none=True)
                 loss = per_example_loss(model(x), x, p.likelihood).mean()
@@ -291,62 +355,3 @@ def train(cfg: RunConfig, train_data: Tensor, test_data: Tensor, *, progress: bo
         "torch_threads": torch.get_num_threads(),
         "adaptive_trace": trace,
     }
-
-
-CURVATURE_ESTIMATORS = ("sampled", "propagation")
-
-
-def _curvature_loss(outputs: Tensor, likelihood: str, estimator: str) -> Tensor:
-    """The curvature batch's loss: sampled targets, or curvature propagation."""
-    if estimator == "sampled":
-        return sampled_nll(outputs, likelihood)
-    if estimator == "propagation":
-        return curvature_propagation_loss(outputs, likelihood)
-    raise ValueError(f"curvature_estimator must be one of {CURVATURE_ESTIMATORS},"
-                     f" got {estimator!r}")
-
-
-def _adaptive_step(opt, model: torch.nn.Module, x: Tensor, likelihood: str, h: Hyper,
-                   n_jvp: int, sync) -> tuple[float, bool, float, float]:
-    """One :class:`~kronfisher.optim.AdaptiveNG` step on minibatch ``x``.
-
-    The closure is the training objective (``h.loss_scale`` × mean per-example NLL) on the
-    whole minibatch; the quadratic model's JVPs and ρ use its first ``n_jvp`` examples.
-
-    Returns:
-        (per-example loss before the update, whether that loss is finite, time after the
-        closure, time after the step).
-    """
-    seen: dict[str, float] = {}
-
-    def closure() -> Tensor:
-        opt.zero_grad(set_to_none=True)
-        loss = per_example_loss(model(x), x, likelihood).mean()
-        seen["loss"] = loss.item()
-        scaled = loss * h.loss_scale
-        scaled.backward()
-        sync()
-        seen["t"] = time.perf_counter()
-        return scaled.detach()
-
-    xj = x[:n_jvp]
-
-    def loss_fn(out: Tensor) -> Tensor:
-        return per_example_loss(out, xj, likelihood).mean() * h.loss_scale
-
-    opt.step(closure, inputs=xj, loss_fn=loss_fn)
-    sync()
-    t3 = time.perf_counter()
-    # a step the optimizer declined (non-finite model, damping raised) is not a divergence:
-    # the parameters are unchanged and the trace records it
-    return seen["loss"], math.isfinite(seen["loss"]), seen["t"], t3
-
-
-def _trace_row(iteration: int, opt) -> dict:
-    """The adaptive step's λ, α, μ, ρ (``opt.last_step``) as a JSON row."""
-    last = opt.last_step
-    row: dict = {"iteration": iteration}
-    if last is not None:
-        for k, v in asdict(last).items():
-            row[k] = v if isinstance(v, bool | int | float | str) or v is None else float(v)
-    return row

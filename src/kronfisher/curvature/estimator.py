@@ -3,14 +3,41 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ..linalg import SOLVERS, KroneckerSum, spatial_pair_mask
+from ..linalg import SOLVERS, KroneckerSum, as_stats, spatial_pair_mask
 from .methods import METHODS, approximate, method_rank
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+LINALG_ERRORS = (np.linalg.LinAlgError, torch.linalg.LinAlgError)
+"""LAPACK failures a solver may raise on finite statistics ("SVD did not converge")."""
+FALLBACK_SOLVERS = ("gram", "power", "lanczos")
+"""Tried in this order after the configured solver fails: the exact Gram solver (flat
+statistics with at most GRAM_TOKENS tokens; eigh only), then power iteration (products
+and norms only, no LAPACK call), then Lanczos."""
+GRAM_TOKENS = 4096
+"""Largest N = m·T for the Gram fallback (two N × N float64 matrices)."""
+
+
+class CurvatureSolveError(RuntimeError):
+    """Every solver failed with a LAPACK error on one batch of statistics."""
+
+
+@dataclass(frozen=True)
+class SolverFallback:
+    """Recorded in ``KroneckerSum.info["fallback"]`` when the configured solver failed.
+
+    Attributes:
+        failed: "solver: error" for each solver that raised, in the order tried.
+        used: the solver whose result was returned.
+    """
+
+    failed: tuple[str, ...]
+    used: str
 
 
 class KroneckerEstimator:
@@ -83,11 +110,8 @@ class KroneckerEstimator:
         init = previous
         if previous is not None and split != 1.0:
             init = KroneckerSum([(A / split, G / split) for A, G in previous.terms])
-        ks = approximate(
-            a / sa if sa != 1.0 else a, g / sg if sg != 1.0 else g, self.method,
-            solver=self.solver, rank=self.rank, pair_mask=self.pair_mask(spatial, a),
-            init=init, tol=self.tol, max_iter=self.max_iter,
-        )
+        ks = self._approximate(a / sa if sa != 1.0 else a, g / sg if sg != 1.0 else g,
+                               self.pair_mask(spatial, a), init)
         if sa == 1.0 and sg == 1.0:
             return ks
         # KFAC's factors (and KFAC-corrected's first term) are (1/m) Σ a aᵀ and Σ g gᵀ;
@@ -99,6 +123,57 @@ class KroneckerEstimator:
         ]
         out = KroneckerSum(terms)
         out.info = dict(ks.info)
+        return out
+
+    def _approximate(self, a: Tensor, g: Tensor, mask: Tensor | None,
+                     init: KroneckerSum | None) -> KroneckerSum:
+        """:func:`approximate` with the configured solver, else the fallbacks in turn.
+
+        Raises:
+            CurvatureSolveError: every solver raised a LAPACK error.
+        """
+        failed: list[str] = []
+        for solver in self._solvers(a, g, mask):
+            try:
+                ks = approximate(a, g, self.method, solver=solver, rank=self.rank,
+                                 pair_mask=mask, init=init, tol=self.tol,
+                                 max_iter=self.max_iter)
+            except LINALG_ERRORS as e:
+                if self.method == "kfac":  # closed form: no solver to fall back to
+                    raise
+                failed.append(f"{solver}: {e}")
+                continue
+            if failed:
+                ks.info["fallback"] = SolverFallback(tuple(failed), solver)
+            return ks
+        raise CurvatureSolveError("every solver failed: " + "; ".join(failed))
+
+    def _solvers(self, a: Tensor, g: Tensor, mask: Tensor | None):
+        """The configured solver, then (lazily) the applicable fallbacks."""
+        yield self.solver
+        if self.method == "kfac":
+            return
+        first = "lanczos" if self.solver == "auto" else self.solver
+        stats = as_stats(a, g, mask)
+        for solver in FALLBACK_SOLVERS:
+            if solver == first or (solver == "gram" and not (
+                    stats.flat and stats.n_tokens <= GRAM_TOKENS)):
+                continue
+            yield solver
+
+    def kfac_fallback(self, a: Tensor, g: Tensor) -> KroneckerSum:
+        """KFAC's A ⊗ G padded with zero terms to this method's number of terms.
+
+        The last resort when every solver fails and no previous curvature exists: closed
+        form (two products), a valid curvature for every method's damping formula.
+        """
+        if a.dtype in _LOW_PRECISION:
+            a, g = a.float(), g.float()
+        A, G = approximate(a, g, "kfac").terms[0]
+        pad = [(torch.zeros_like(A), torch.zeros_like(G))] * (
+            method_rank(self.method, self.rank) - 1)
+        out = KroneckerSum([(A, G), *pad])
+        out.info = {"method": "kfac", "fallback_for": self.method}
         return out
 
     @staticmethod
@@ -135,4 +210,5 @@ def pow2_scale(x: Tensor) -> float:
     return math.ldexp(1.0, round(math.log2(m)))
 
 
-__all__ = ["KroneckerEstimator", "METHODS", "pow2_scale"]
+__all__ = ["KroneckerEstimator", "METHODS", "pow2_scale", "CurvatureSolveError",
+           "SolverFallback", "LINALG_ERRORS", "FALLBACK_SOLVERS"]

@@ -69,13 +69,20 @@ class LayerAdapter:
         return _cat_bias(gw, gb)
 
     @staticmethod
-    def set_grad_matrix(module: nn.Module, M: Tensor) -> None:
-        """Write the (d_g, d_a) matrix ``M`` back as the weight's and bias's ``.grad``."""
+    def split_matrix(module: nn.Module, M: Tensor) -> list[Tensor]:
+        """A (d_g, d_a) matrix [W b] as tensors shaped like :meth:`params` (same order)."""
         w, b = _weight(module), _bias(module)
         n = w[0].numel()
-        w.grad = M[:, :n].reshape(w.shape).to(w.dtype).contiguous()
+        parts = [M[:, :n].reshape(w.shape)]
         if b is not None:
-            b.grad = M[:, n].to(b.dtype).contiguous()
+            parts.append(M[:, n])
+        return parts
+
+    @classmethod
+    def set_grad_matrix(cls, module: nn.Module, M: Tensor) -> None:
+        """Write the (d_g, d_a) matrix ``M`` back as the weight's and bias's ``.grad``."""
+        for p, part in zip(cls.params(module), cls.split_matrix(module, M)):
+            p.grad = part.to(p.dtype).contiguous()
 
 
 def _cat_bias(gw: Tensor, gb: Tensor) -> Tensor:

@@ -45,11 +45,13 @@ error 9e-5 against 6e-3 by two eighs), so the margin is kept small."""
 CHOLESKY_SHIFT_FLOOR = 2e-12
 """Absolute floor of that margin (relative to ‖X1‖_F) for float64."""
 SINGULAR_EPS_FACTOR = 1.0
-"""Two-eigh congruence: the damped first factor is singular when its smallest eigenvalue is
-at most SINGULAR_EPS_FACTOR·n·eps·(largest), the standard bound on the absolute rounding
-error of a symmetric eigensolver's eigenvalues: such an eigenvalue cannot be told from 0.
-(A factor of 10 here refused well-conditioned float32 factors: with n = 31, largest 850 and
-damping 0.01 the bound was 0.031, so a run silently trained at 10× the damping.)"""
+"""Two-eigh congruence without a shift: the first factor is singular when its smallest
+eigenvalue is at most SINGULAR_EPS_FACTOR·n·eps·(largest), the standard bound on the
+absolute rounding error of a symmetric eigensolver's eigenvalues: such an eigenvalue
+cannot be told from 0. With a shift > 0 nothing is refused: the damped eigenvalues are
+≥ the shift by construction. (A factor of 10, applied whatever the shift, refused
+well-conditioned float32 factors: with n = 31, largest 850 and damping 0.01 the bound was
+0.031, so a run silently trained at 10× the damping.)"""
 
 
 def _inverse_on_support(X: Tensor, c: float) -> tuple[Tensor, Tensor | None] | None:
@@ -104,13 +106,14 @@ def factorize_one(
 
 def factorize_two(
     terms: list[tuple[Tensor, Tensor]], damping: float, scheme: str,
-    min_ratio: float = MIN_RATIO,
+    min_ratio: float = MIN_RATIO, *, warn: bool = True,
 ) -> EigenFactorization:
     """Factorise (A₁ + c_a I) ⊗ (G₁ + c_g I) + A₂ ⊗ G₂ by simultaneous diagonalisation.
 
     Under ``"authors"`` the second term's eigenvalues relative to the first enter as
     |s|, so the result is never clamped. Otherwise eigenvalues 1 + s_g s_a ≤ ``min_ratio``
-    are raised to ``min_ratio`` with a RuntimeWarning (``clamped`` counts them).
+    are raised to ``min_ratio`` (``clamped`` counts them), with a RuntimeWarning unless
+    ``warn`` is False (the caller then reports ``clamped`` itself).
 
     Raises:
         SingularFactorError: a damped first factor is singular (damping 0).
@@ -124,13 +127,14 @@ def factorize_two(
     D = 1.0 + sg[:, None] * sa[None, :]
     bad = D <= min_ratio
     clamped = int(bad.sum())
-    if clamped:
+    if clamped and warn:
         warnings.warn(
             f"two-term Kronecker approximation is not positive definite in {clamped}"
             f" direction(s): 1 + s_g s_a raised to {min_ratio} there",
             RuntimeWarning,
             stacklevel=4,
         )
+    if clamped:
         D = torch.where(bad, torch.as_tensor(min_ratio, dtype=D.dtype), D)
     return EigenFactorization(damping, scheme, clamped, K_a=Ka, K_g=Kg, D=D, K_a_inv=Ka_inv,
                               K_g_inv=Kg_inv, metric_a=(A1, da), metric_g=(G1, dg),
@@ -186,26 +190,26 @@ def _congruence_eigh(
     small next to ‖S1‖, where float32 eigenvalue errors (~eps·‖S1‖) would be a large part
     of the smallest damped eigenvalues (relative solve error 2e-2 against 1e-6 in float64
     at ‖S1‖_F = 1e4, shift 0.01). Singular means: without a shift, an eigenvalue within
-    the *input's* rounding bound (it cannot be told from 0); with a shift > 0 the damped
-    factor is positive definite by construction, and only a shift lost in the working
-    precision is refused (MNIST's code layer reaches ‖X1‖ ≈ 9e4 with shift 0.01: in
-    float32 that is rounding level, in float64 a well-defined factorisation).
+    the input's rounding bound n·eps·(largest) (it cannot be told from 0). With a shift
+    > 0 the damped factor is positive definite by construction (its eigenvalues, the
+    clamped ones plus the shift, are ≥ the shift), so it is never refused: MNIST's code
+    layer reaches ‖X1‖ ≈ 9e4 with shift 0.0156, and a bound relative to the largest
+    eigenvalue refused it and trained at 10× the damping.
     """
     dtype = S1.dtype
     work = torch.float64 if torch.finfo(dtype).bits < 64 else dtype
     e, U = eigh(S1.to(work))
     e = e.clamp_min(0) + shift  # X1 is PSD: negative eigenvalues are rounding
-    top = float(e.abs().max().clamp_min(torch.finfo(e.dtype).tiny))
-    eps = torch.finfo(dtype if shift <= 0 else work).eps
-    floor = SINGULAR_EPS_FACTOR * e.numel() * eps * top
-    if float(e.min()) <= floor:
-        raise SingularFactorError(
-            f"the first {name} factor plus its damping shift {shift:.3g} is numerically"
-            f" singular in {dtype if shift <= 0 else work}: smallest eigenvalue"
-            f" {float(e.min()):.3g} ≤"
-            f" {floor:.3g} = {SINGULAR_EPS_FACTOR:g}·n·eps × the largest ({top:.3g});"
-            " increase the damping"
-        )
+    if not shift > 0:
+        top = float(e.abs().max().clamp_min(torch.finfo(e.dtype).tiny))
+        floor = SINGULAR_EPS_FACTOR * e.numel() * torch.finfo(dtype).eps * top
+        if float(e.min()) <= floor:
+            raise SingularFactorError(
+                f"the first {name} factor is numerically singular in {dtype} and there is"
+                f" no damping shift: smallest eigenvalue {float(e.min()):.3g} ≤ {floor:.3g}"
+                f" = {SINGULAR_EPS_FACTOR:g}·n·eps × the largest ({top:.3g}); pass damping"
+                " > 0"
+            )
     r = e.sqrt()
     W = U / r  # W = U diag(1/√e): Wᵀ X1 W = I
     s, E = eigh(sym(W.mT @ S2.to(work) @ W))

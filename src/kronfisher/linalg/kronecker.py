@@ -157,10 +157,13 @@ class KroneckerSum:
         *,
         eig_floor: float = EIG_FLOOR,
         min_ratio: float = MIN_RATIO,
+        warn: bool = True,
     ) -> KroneckerFactorization:
         """A new factorisation of the damped matrix, to be kept by the caller.
 
         Computed in the terms' dtype (eigh falls back to float64 if LAPACK fails).
+        ``warn=False`` leaves reporting clamped eigenvalues (``.clamped``) to the caller
+        (the preconditioners summarise them per layer).
 
         Raises:
             ValueError: unknown scheme, damping not a finite number ≥ 0, or non-finite
@@ -177,7 +180,7 @@ class KroneckerSum:
         if len(self) == 1:
             return factorize_one(*self._terms[0], damping, scheme, eig_floor)
         if len(self) == 2:
-            return factorize_two(self._terms, damping, scheme, min_ratio)
+            return factorize_two(self._terms, damping, scheme, min_ratio, warn=warn)
         pre = factorize_one(*self._terms[0], damping, "tikhonov", eig_floor)
         return ConjugateGradientSolve(damping, scheme, 0, terms=self.terms, preconditioner=pre)
 

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from .spaces import Space
 
-__all__ = ["power", "lanczos", "Bidiagonal", "reorth", "LANCZOS_RESTART", "Triplets"]
+__all__ = ["power", "lanczos", "Bidiagonal", "reorth", "small_svd", "LANCZOS_RESTART",
+           "Triplets"]
 
 LANCZOS_RESTART = 60
 """Lanczos steps between explicit restarts: bases of 60 vectors keep the
@@ -109,14 +110,49 @@ class Bidiagonal:
         return self.B.diagonal()[: self.k]
 
     def svd(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """SVD (numpy) of the current square bidiagonal matrix."""
-        return np.linalg.svd(self.B[: self.k, : self.k])
+        """SVD of the current square bidiagonal matrix (:func:`small_svd`)."""
+        return small_svd(self.B[: self.k, : self.k])
 
     def converged(self, beta: float, rank: int, tol: float) -> bool:
         """Every wanted Ritz triplet has residual β |P[k, i]| ≤ tol·σ₁."""
         P, S, _ = self.svd()
         worst = max(abs(float(p)) for p in P[-1, :rank])
         return beta * worst <= tol * float(S[0])
+
+
+def small_svd(B: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(P, S, Qᵀ) with B = P diag(S) Qᵀ, S descending, for a small square float64 matrix.
+
+    LAPACK's divide-and-conquer SVD (numpy's ``svd``) occasionally stops with "SVD did not
+    converge" on finite input. Then the singular triplets are taken from the symmetric
+    eigendecomposition of [[0, B], [Bᵀ, 0]] (another LAPACK routine, and no squaring of
+    the singular values as BᵀB would): its eigenvalues are ±σ with eigenvectors
+    [p; ±q]/√2. Only the triplets with σ > 0 are used by the solvers, and for those both
+    routes agree to rounding; singular vectors of (numerically) zero σ are not unique and
+    come back normalised but otherwise unspecified.
+
+    Raises:
+        numpy.linalg.LinAlgError: B has NaN/Inf entries, or both routes fail (the caller,
+            :class:`~kronfisher.curvature.KroneckerEstimator`, then tries other solvers).
+    """
+    try:
+        return np.linalg.svd(B)
+    except np.linalg.LinAlgError:
+        if not np.isfinite(B).all():
+            raise np.linalg.LinAlgError(
+                "SVD of the Lanczos bidiagonal matrix: it has NaN/Inf entries") from None
+    k = B.shape[0]
+    W = np.zeros((2 * k, 2 * k))
+    W[:k, k:] = B
+    W[k:, :k] = B.T
+    w, X = np.linalg.eigh(W)  # ascending: the k largest are the σ's (≥ 0)
+    top = np.arange(2 * k - 1, k - 1, -1)
+    S = np.clip(w[top], 0.0, None)
+    P, Q = X[:k, top].copy(), X[k:, top].copy()
+    for M in (P, Q):
+        norms = np.linalg.norm(M, axis=0)
+        M /= np.where(norms > 0, norms, 1.0)
+    return P, S, Q.T
 
 
 def lanczos(

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
-
 from torch import Tensor, nn
 
 from ..curvature import KroneckerEstimator
+from ..curvature.estimator import CurvatureSolveError, SolverFallback
 from ..linalg import SCHEMES, KroneckerFactorization, KroneckerSum, SingularFactorError
 from ._checks import typed_curvature
 from .base import LayerState, Preconditioner
+from .warning_log import WarningLog
 
 __all__ = ["KroneckerPreconditioner", "KFAC", "KPSVD", "Deflation", "KFACCorrected", "Lanczos"]
 
@@ -45,6 +45,12 @@ class KroneckerPreconditioner(Preconditioner):
         kl_clip_mode: "lr2" or "authors" (see :class:`Preconditioner`).
         ema_counter: "updates" or "steps" (see :class:`Preconditioner`).
         tol, max_iter: solver tolerance (relative) and iteration cap.
+
+    Repeated conditions warn once per layer and kind and are counted in
+    :attr:`warning_counts` (see :mod:`~kronfisher.preconditioner.warning_log`): a two-term
+    damped matrix clamped where it is not positive definite, a singular damped factor
+    retried with more damping, a solver's LAPACK failure (another solver is used; if all
+    fail the layer keeps its previous curvature, or with none yet KFAC's factors).
     """
 
     method: str = ""
@@ -79,18 +85,60 @@ class KroneckerPreconditioner(Preconditioner):
         )
         self.method = method
         self.damping_scheme = damping_scheme
+        self.warning_log = WarningLog()
         super().__init__(
             model, damping=damping, ema_decay=ema_decay, cov_update_freq=cov_update_freq,
             inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
             kl_clip_mode=kl_clip_mode, ema_counter=ema_counter,
         )
 
+    @property
+    def warning_counts(self) -> dict[tuple[str, str], int]:
+        """Occurrences of each summarised warning so far, by (layer name, kind)."""
+        return dict(self.warning_log.counts)
+
     def _update_curvature(self, batch: dict[LayerState, tuple[Tensor, Tensor, tuple]]) -> None:
         for s, (a, g, spatial) in batch.items():
-            old = _kronecker_curvature(s)
-            new = self.estimator.estimate(a, g, spatial, old)
-            s.curvature = self.estimator.average(old, new, self._decay(s))
+            new = self._estimate(s, a, g, spatial)
+            if new is None:  # every solver failed: the previous curvature stays
+                continue
+            new = self._adjust_estimate(new, a)
+            s.curvature = self.estimator.average(_kronecker_curvature(s), new, self._decay(s))
             s.updates += 1
+
+    def _adjust_estimate(self, new: KroneckerSum, a: Tensor) -> KroneckerSum:
+        """Hook applied to each new estimate before the running average (identity here)."""
+        return new
+
+    def _estimate(self, s: LayerState, a: Tensor, g: Tensor, spatial: tuple
+                  ) -> KroneckerSum | None:
+        """This batch's estimate, or None to keep the previous curvature.
+
+        A LAPACK failure of the solver never escapes: the estimator tries the other
+        solvers; if all fail the layer keeps its previous curvature, or, with none yet,
+        gets KFAC's factors (padded with zero terms). Each case is summarised in
+        :attr:`warning_log`.
+        """
+        old = _kronecker_curvature(s)
+        try:
+            new = self.estimator.estimate(a, g, spatial, old)
+        except CurvatureSolveError as e:
+            if old is not None:
+                self.warning_log.report(
+                    s.name, "curvature_kept", f"layer {s.name!r}: {e}; this curvature batch is"
+                    " dropped and the layer keeps its previous curvature", stacklevel=6)
+                return None
+            self.warning_log.report(
+                s.name, "curvature_kept", f"layer {s.name!r}: {e}; no previous curvature, so"
+                " the layer uses KFAC's factors for this batch", stacklevel=6)
+            return self.estimator.kfac_fallback(a, g)
+        fallback = new.info.get("fallback")
+        if isinstance(fallback, SolverFallback):
+            self.warning_log.report(
+                s.name, "solver_fallback", f"layer {s.name!r}: the {self.method} solver failed"
+                f" ({'; '.join(fallback.failed)}); used the {fallback.used!r} solver instead",
+                stacklevel=6)
+        return new
 
     def _refresh_inverse(self, state: LayerState) -> None:
         curvature = _kronecker_curvature(state)
@@ -102,14 +150,15 @@ class KroneckerPreconditioner(Preconditioner):
         """Factorise ``source`` with ``damping`` into ``state.inverse``.
 
         A singular damped matrix is retried with 10× the damping (at least 1e-8), up to
-        three times, with a warning each time; the factorisation records the damping it
-        was actually built with.
+        three times; the factorisation records the damping it was actually built with.
+        Retries and clamped two-term eigenvalues are summarised in :attr:`warning_log`
+        (one warning per layer and kind, every occurrence counted).
         """
         lam = damping
         fac: KroneckerFactorization | None = None
         for attempt in range(SINGULAR_RETRIES + 1):
             try:
-                fac = source.factorize(lam, self.damping_scheme)
+                fac = source.factorize(lam, self.damping_scheme, warn=False)
                 break
             except SingularFactorError as e:
                 if attempt == SINGULAR_RETRIES:
@@ -118,11 +167,15 @@ class KroneckerPreconditioner(Preconditioner):
                         f" damping {lam:g}: {e}"
                     ) from e
                 lam = max(lam * 10.0, RETRY_MIN_DAMPING)
-                warnings.warn(
-                    f"layer {state.name!r}: {e}; retrying with damping {lam:g}",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+                self.warning_log.report(
+                    state.name, "singular_retry",
+                    f"layer {state.name!r}: {e}; retrying with damping {lam:g}", stacklevel=5)
+        if fac is not None and fac.clamped:
+            self.warning_log.report(
+                state.name, "clamped", f"layer {state.name!r}: the two-term Kronecker"
+                f" approximation is not positive definite in {fac.clamped} direction(s) at"
+                f" damping {fac.damping:g}: 1 + s_g s_a raised to the floor there",
+                stacklevel=5)
         state.inverse_source, state.inverse_damping = source, damping
         state.inverse = fac
 
