@@ -6,6 +6,7 @@ preconditioners :class:`KFAC`, :class:`KPSVD`, :class:`Deflation`, :class:`KFACC
 :class:`Lanczos` and :class:`ExactNG`.
 """
 
+from . import optim
 from .curvature import METHODS, approximate
 from .linalg import KroneckerSum, exact_fisher_block
 from .losses import sampled_nll
@@ -38,5 +39,6 @@ __all__ = [
     "Lanczos",
     "ExactNG",
     "NonFiniteError",
+    "optim",
     "__version__",
 ]
