@@ -6,6 +6,7 @@ preconditioners :class:`KFAC`, :class:`KPSVD`, :class:`Deflation`, :class:`KFACC
 :class:`Lanczos` and :class:`ExactNG`.
 """
 
+from . import optim
 from .curvature import METHODS, approximate
 from .linalg import KroneckerSum, exact_fisher_block
 from .losses import curvature_propagation_loss, exact_ggn_loss, sampled_nll
@@ -40,5 +41,6 @@ __all__ = [
     "Lanczos",
     "ExactNG",
     "NonFiniteError",
+    "optim",
     "__version__",
 ]

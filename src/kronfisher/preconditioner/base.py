@@ -365,9 +365,37 @@ class Preconditioner(StateDictMixin):
             )
         return s
 
+    def _registered(self, name: str) -> LayerState:
+        s = self.layers.get(name)
+        if s is None:
+            raise KeyError(f"{name!r} is not a registered layer (registered:"
+                           f" {sorted(self.layers)})")
+        return s
+
     def curvature(self, module: nn.Module):
         """The layer's current curvature (after the running average)."""
         return self._state_of(module).curvature
+
+    def curvature_product(self, mats: dict[str, Tensor]) -> dict[str, Tensor]:
+        """M vec(V) for each layer, M the damped curvature the current factorisation inverts.
+
+        So that the preconditioned gradient :meth:`step` writes is Δ = M⁻¹ ∇ (before any
+        KL clipping); ``kronfisher.optim`` uses it for the quadratic model of its damping
+        rule.
+
+        Args:
+            mats: layer name (a key of :attr:`layers`) → V of the layer's gradient-matrix
+                shape (d_g, d_a) (weight reshaped to (d_g, ·), bias last column).
+
+        Returns:
+            layer name → M vec(V) in the same matrix form and dtype.
+
+        Raises:
+            KeyError: a name that is not a registered layer.
+            RuntimeError: a layer without a factorisation yet (before the first
+                :meth:`step`).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement curvature_product")
 
     def __repr__(self) -> str:
         return (

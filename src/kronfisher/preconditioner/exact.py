@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..curvature.estimator import pow2_scale
 from ..linalg import SingularFactorError
 from ..linalg.numerics import all_finite, eigh
-from ._checks import typed_curvature
+from ._checks import grad_matrix_shape, typed_curvature
 from .base import LayerState, Preconditioner
 
 __all__ = ["ExactNG", "per_example_gradients", "DenseEigh", "FullFisherInverse"]
@@ -28,6 +28,12 @@ class DenseEigh:
         """(F + λI)⁻¹ vec(G) as a matrix of G's shape (d_g, d_a) and dtype."""
         v = G.mT.reshape(-1).to(self.e.dtype)
         x = self.U @ ((self.U.mT @ v) / (self.e.clamp_min(0) + self.damping))
+        return x.reshape(G.shape[1], G.shape[0]).mT.to(G.dtype)
+
+    def apply(self, G: Tensor) -> Tensor:
+        """(F + λI) vec(G) as a matrix of G's shape and dtype (what :meth:`solve` inverts)."""
+        v = G.mT.reshape(-1).to(self.e.dtype)
+        x = self.U @ ((self.U.mT @ v) * (self.e.clamp_min(0) + self.damping))
         return x.reshape(G.shape[1], G.shape[0]).mT.to(G.dtype)
 
 
@@ -224,6 +230,42 @@ class ExactNG(Preconditioner):
         for s, G in grads.items():
             lo, hi = self._offsets[s.name]
             out[s] = x[lo:hi].reshape(G.shape[1], G.shape[0]).mT.to(G.dtype)
+        return out
+
+    def curvature_product(self, mats: dict[str, Tensor]) -> dict[str, Tensor]:
+        """(F + λI) vec(V) with the eigendecomposition the solves use (clamped at 0).
+
+        Block-diagonal: each layer's dense block. Full Fisher: the cross-layer blocks
+        couple the layers; a registered layer missing from ``mats`` counts as V = 0 (and
+        gets no entry in the result). See :meth:`Preconditioner.curvature_product`.
+        """
+        for name, V in mats.items():
+            s = self._registered(name)
+            if s.inverse is None:
+                raise RuntimeError(f"layer {name!r} has no factorisation yet: call step() first")
+            if tuple(V.shape) != grad_matrix_shape(s):
+                raise ValueError(f"layer {name!r}: V has shape {tuple(V.shape)}, the layer's"
+                                 f" gradient matrix is {grad_matrix_shape(s)}")
+        if self.block_diagonal:
+            out = {}
+            for name, V in mats.items():
+                inv = self.layers[name].inverse
+                if not isinstance(inv, DenseEigh):
+                    raise RuntimeError(f"layer {name!r} has no dense Fisher inverse")
+                out[name] = inv.apply(V)
+            return out
+        full = self._full_inverse
+        if full is None:
+            raise RuntimeError("no full-Fisher factorisation yet: call step() first")
+        v = torch.zeros(full.e.shape[0], dtype=full.e.dtype, device=full.e.device)
+        for name, V in mats.items():
+            lo, hi = self._offsets[name]
+            v[lo:hi] = V.mT.reshape(-1).to(v.dtype)
+        x = full.U @ ((full.U.mT @ v) * (full.e.clamp_min(0) + full.damping))
+        out = {}
+        for name, V in mats.items():
+            lo, hi = self._offsets[name]
+            out[name] = x[lo:hi].reshape(V.shape[1], V.shape[0]).mT.to(V.dtype)
         return out
 
     # -------------------------------------------------------------- state

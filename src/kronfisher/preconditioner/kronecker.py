@@ -187,6 +187,24 @@ class KroneckerPreconditioner(Preconditioner):
             out[s] = s.inverse.solve(G).to(G.dtype)
         return out
 
+    def curvature_product(self, mats: dict[str, Tensor]) -> dict[str, Tensor]:
+        """M vec(V) per layer with M the damped Kronecker matrix each layer's solve inverts.
+
+        See :meth:`Preconditioner.curvature_product`; M is the current factorisation's
+        (:meth:`~kronfisher.linalg.KroneckerFactorization.apply`), with the damping it was
+        built with.
+        """
+        out = {}
+        for name, V in mats.items():
+            fac = self._registered(name).inverse
+            if not isinstance(fac, KroneckerFactorization):
+                raise RuntimeError(f"layer {name!r} has no factorisation yet: call step() first")
+            if tuple(V.shape) != fac.shape:
+                raise ValueError(f"layer {name!r}: V has shape {tuple(V.shape)}, the layer's"
+                                 f" gradient matrix is {fac.shape}")
+            out[name] = fac.apply(V).to(V.dtype)
+        return out
+
     def _pack(self, curvature):
         if curvature is None:
             return None
