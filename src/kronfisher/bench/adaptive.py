@@ -34,11 +34,14 @@ INITIAL_DAMPING = 150.0
 PILOT_CHOICE: dict[str, dict] = {
     # per problem: the step rule and update frequencies the pilots chose
     "curves": dict(cov_update_freq=5, inv_update_freq=5, damping_update_freq=5,
-                   auto_lr=True, auto_momentum=True, jvp_fraction=1.0),
+                   auto_lr=True, auto_momentum=True, jvp_fraction=1.0,
+                   quad_model="approx"),
     "mnist": dict(cov_update_freq=5, inv_update_freq=5, damping_update_freq=5,
-                  auto_lr=True, auto_momentum=True, jvp_fraction=1.0),
+                  auto_lr=True, auto_momentum=True, jvp_fraction=1.0,
+                   quad_model="approx"),
     "faces": dict(cov_update_freq=5, inv_update_freq=5, damping_update_freq=5,
-                  auto_lr=True, auto_momentum=True, jvp_fraction=1.0),
+                  auto_lr=True, auto_momentum=True, jvp_fraction=1.0,
+                   quad_model="approx"),
 }
 
 
@@ -79,4 +82,5 @@ def adaptive_hyper(problem: str, optimizer: str, paper: Hyper) -> Hyper:
         auto_lr=choice["auto_lr"],
         auto_momentum=choice["auto_momentum"],
         jvp_fraction=choice["jvp_fraction"],
+        quad_model=choice["quad_model"],
     )
