@@ -195,7 +195,15 @@ class AdaptiveNG(torch.optim.Optimizer):
         for p in params:
             g = torch.zeros_like(p) if p.grad is None else p.grad
             p.grad = g.add(p, alpha=eta) if eta else g
-        grads = {n: p.grad.clone() for n, p in named.items() if p.grad is not None}
+        # the last step of each period: with damping_update_freq = inv_update_freq the new λ
+        # reaches the preconditioner when it refactorises anyway (a changed damping forces a
+        # refactorisation, so an update out of phase would cost one more per period)
+        due = cfg.adapt_damping and (self.steps + 1) % cfg.damping_update_freq == 0
+        # ∇ is kept for the model, ρ's q and the norm constraint (the preconditioner
+        # replaces registered layers' .grad; a copy guards against in-place changes)
+        need_grads = cfg.automatic or due or cfg.kl_clip is not None
+        grads = {n: p.grad.clone() for n, p in named.items()
+                 if p.grad is not None} if need_grads else {}
         self.preconditioner.damping = lam + eta
         closure_loss = float(loss.detach())
         if not self.preconditioner.step():  # it warned and cleared the gradients
@@ -206,10 +214,6 @@ class AdaptiveNG(torch.optim.Optimizer):
         prev = {n: self.state[p]["delta_prev"] for n, p in named.items()
                 if "delta_prev" in self.state[p]}
         has_prev = len(prev) == len(named)
-        # the last step of each period: with damping_update_freq = inv_update_freq the new λ
-        # reaches the preconditioner when it refactorises anyway (a changed damping forces a
-        # refactorisation, so an update out of phase would cost one more per period)
-        due = cfg.adapt_damping and (self.steps + 1) % cfg.damping_update_freq == 0
         l2 = (lambda: 0.5 * eta * float(inner(named, named))) if eta else (lambda: 0.0)
         loss_before, q, fallback = None, None, False
         if cfg.automatic:
