@@ -288,3 +288,19 @@ def test_a_step_on_used_gradients_is_refused_and_fixed_lr_follows_a_scheduler():
     assert opt.last_step.alpha == 0.25
     with pytest.raises(RuntimeError, match="already used"):
         opt.step(lambda: torch.zeros(()))  # no backward: the gradients are the old ones
+
+
+def test_a_model_predicting_a_loss_below_the_bound_is_not_trusted():
+    model, x, loss_fn = autoencoder(seed=5)
+    pc = kf.KFAC(model, damping_scheme="factored")
+    opt = kf.optim.AdaptiveNG(pc, damping=1.0, loss_lower_bound=0.0)
+    train(model, pc, opt, x, loss_fn, 2)
+    assert opt.last_step.applied  # a BCE ≥ 0: an ordinary step respects the bound
+    with torch.no_grad():
+        level = float(loss_fn(model(x)))
+    opt.param_groups[0]["loss_lower_bound"] = level  # now any predicted decrease violates it
+    before, lam = params_of(model), opt.param_groups[0]["damping"]
+    with pytest.warns(RuntimeWarning, match="loss_lower_bound"):
+        train(model, pc, opt, x, loss_fn, 1)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert not opt.last_step.applied and opt.last_step.next_damping == lam / 0.95**5

@@ -88,6 +88,20 @@ def test_singular_two_by_two_falls_back_and_bad_one_by_one_fails():
     assert solve(zero, 0.1) is None  # no curvature along a non-zero gradient: no minimiser
 
 
+def test_directions_of_very_different_lengths_are_not_singular():
+    """Δ ~ 1/λ at a small λ and a short δ_prev: the unscaled 2×2 has an eigenvalue ratio
+    ~1e-18, but the directions are far from parallel, so the 2×2 must be solved."""
+    n = 6
+    C = spd(n, seed=6)
+    gen = torch.Generator().manual_seed(7)
+    g = torch.randn(n, generator=gen, dtype=D)
+    V = torch.randn(n, 2, generator=gen, dtype=D) * torch.tensor([1e6, 1e-3], dtype=D)
+    sol = solve(dense_model(C, g, V), 0.1)  # default rtol: float32's
+    assert not sol.fallback
+    c = torch.tensor([-sol.alpha, sol.momentum], dtype=D)
+    torch.testing.assert_close(c, span_minimiser(C, g, V, 0.1), rtol=1e-9, atol=0)
+
+
 def tiny_mlp(out=3, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, out)).double()

@@ -59,10 +59,13 @@ class AdaptiveNG(torch.optim.Optimizer):
 
     Sign convention: Δ points uphill (it is the preconditioned gradient), so α > 0 is a
     descent step; the model's α can come out ≤ 0 or μ < 0 (it is a minimiser, not a
-    constraint). With ``adapt_damping`` every ``damping_update_freq`` steps
-    ρ = (L(θ+δ) − L(θ)) / q(δ) on ``inputs`` (L includes η/2‖θ‖²; q(δ) = ∇ᵀδ +
-    ½δᵀ(C + (λ+η)I)δ, C the exact GGN (``quad_model="ggn"``) or the preconditioner's own
-    damped curvature (``"approx"``)) drives λ ← ω·λ (ρ > ¾), λ/ω (ρ < ¼ or a failure).
+    constraint). With ``adapt_damping``, on the last step of every period of
+    ``damping_update_freq`` steps (step i with (i + 1) % T = 0), ρ = (L(θ+δ) − L(θ)) / q(δ)
+    on ``inputs`` (L includes η/2‖θ‖²; q(δ) = ∇ᵀδ + ½δᵀ(C + (λ+η)I)δ, C the exact GGN
+    (``quad_model="ggn"``) or the preconditioner's own damped curvature (``"approx"``))
+    drives λ ← ω·λ (ρ > ¾), λ/ω (ρ < ¼, ρ not finite, q ≥ 0, or a skipped update).
+    A changed λ makes the preconditioner refactorise: keep ``damping_update_freq`` equal
+    to (or a multiple of) its ``inv_update_freq``.
 
     Args:
         preconditioner: any :class:`~kronfisher.Preconditioner`; its damping is set by
@@ -83,6 +86,10 @@ class AdaptiveNG(torch.optim.Optimizer):
             exact quadratic model of the very loss ρ measures, which matters when
             ``inputs`` is a sub-batch; docs/design.md). Identical when ``inputs`` is the
             closure's batch and ``loss_fn`` its loss.
+        loss_lower_bound: None (default) or a value the loss (with η/2‖θ‖²) cannot go
+            below, e.g. 0 for a negative log-likelihood of discrete targets: an automatic
+            step whose model predicts L(θ) + q(δ) below it is skipped (λ raised), since
+            the model is then being trusted far beyond its range (docs/design.md).
 
     Every hyper-parameter is in ``param_groups[0]`` (λ as ``"damping"``), so
     ``torch.optim.lr_scheduler`` works on a fixed lr. :attr:`last_step` is a
@@ -101,7 +108,7 @@ class AdaptiveNG(torch.optim.Optimizer):
                  damping_decay: float = 0.95**5, min_damping: float = 1e-8,
                  max_damping: float = 1e8, weight_decay: float = 0.0,
                  quad_model: str = "ggn", kl_clip: float | None = None,
-                 model_grad: str = "closure"):
+                 model_grad: str = "closure", loss_lower_bound: float | None = None):
         if not isinstance(preconditioner, Preconditioner):
             raise TypeError(f"preconditioner must be a kronfisher Preconditioner, got"
                             f" {type(preconditioner).__name__}")
@@ -120,14 +127,14 @@ class AdaptiveNG(torch.optim.Optimizer):
                         damping_update_freq=damping_update_freq, damping_decay=damping_decay,
                         min_damping=min_damping, max_damping=max_damping,
                         weight_decay=weight_decay, quad_model=quad_model, kl_clip=kl_clip,
-                        model_grad=model_grad)
+                        model_grad=model_grad, loss_lower_bound=loss_lower_bound)
         StepConfig.from_group(defaults)
         if kl_clip is not None and preconditioner.kl_clip is not None:
             raise ValueError("kl_clip is set on both the preconditioner and AdaptiveNG: set it"
                              " on one (the optimizer's scales only Δ's part of the step)")
         super().__init__(plist, defaults)
         self.preconditioner = preconditioner
-        self.names = names
+        self._names = names
         self.steps = 0
         self.last_step: StepRecord | None = None
         self._written = WrittenGrads()
@@ -172,7 +179,7 @@ class AdaptiveNG(torch.optim.Optimizer):
         params: list[Tensor] = group["params"]
         with torch.enable_grad():
             loss = closure()
-        stale = [self.names[id(p)] for p in params if self._written.unchanged(p)]
+        stale = [self._names[id(p)] for p in params if self._written.unchanged(p)]
         if stale:
             raise RuntimeError(f"step() on gradients it already used ({stale[:3]}…): the"
                                " closure must zero the gradients and run a backward")
@@ -184,11 +191,19 @@ class AdaptiveNG(torch.optim.Optimizer):
     def _step(self, cfg: StepConfig, params: list[Tensor], loss: Tensor,
               inputs: Tensor | tuple | None, loss_fn: LossFn | None) -> Tensor:
         eta, lam = cfg.weight_decay, cfg.damping
-        named = {self.names[id(p)]: p for p in params}
+        named = {self._names[id(p)]: p for p in params}
         for p in params:
             g = torch.zeros_like(p) if p.grad is None else p.grad
             p.grad = g.add(p, alpha=eta) if eta else g
-        grads = {n: p.grad.clone() for n, p in named.items() if p.grad is not None}
+        # the last step of each period: with damping_update_freq = inv_update_freq the new λ
+        # reaches the preconditioner when it refactorises anyway (a changed damping forces a
+        # refactorisation, so an update out of phase would cost one more per period)
+        due = cfg.adapt_damping and (self.steps + 1) % cfg.damping_update_freq == 0
+        # ∇ is kept for the model, ρ's q and the norm constraint (the preconditioner
+        # replaces registered layers' .grad; a copy guards against in-place changes)
+        need_grads = cfg.automatic or due or cfg.kl_clip is not None
+        grads = {n: p.grad.clone() for n, p in named.items()
+                 if p.grad is not None} if need_grads else {}
         self.preconditioner.damping = lam + eta
         closure_loss = float(loss.detach())
         if not self.preconditioner.step():  # it warned and cleared the gradients
@@ -199,10 +214,6 @@ class AdaptiveNG(torch.optim.Optimizer):
         prev = {n: self.state[p]["delta_prev"] for n, p in named.items()
                 if "delta_prev" in self.state[p]}
         has_prev = len(prev) == len(named)
-        # the last step of each period: with damping_update_freq = inv_update_freq the new λ
-        # reaches the preconditioner when it refactorises anyway (a changed damping forces a
-        # refactorisation, so an update out of phase would cost one more per period)
-        due = cfg.adapt_damping and (self.steps + 1) % cfg.damping_update_freq == 0
         l2 = (lambda: 0.5 * eta * float(inner(named, named))) if eta else (lambda: 0.0)
         loss_before, q, fallback = None, None, False
         if cfg.automatic:
@@ -219,6 +230,11 @@ class AdaptiveNG(torch.optim.Optimizer):
                 return self._skipped(cfg, loss, "the quadratic model has no finite"
                                      " minimiser (non-finite loss_fn or curvature)")
             alpha, mu, q, fallback = sol.alpha, sol.momentum, sol.q, sol.fallback
+            bound = cfg.loss_lower_bound
+            if bound is not None and loss_before + q < bound:
+                return self._skipped(cfg, loss, f"the quadratic model predicts L(θ) + q ="
+                                     f" {loss_before + q:.4g}, below loss_lower_bound={bound:g}"
+                                     " (a step it cannot be trusted with)")
             if fallback:
                 warnings.warn("AdaptiveNG: the 2×2 quadratic model is singular (Δ and δ_prev"
                               " nearly parallel, or not finite): this step uses μ = 0",
@@ -264,7 +280,7 @@ class AdaptiveNG(torch.optim.Optimizer):
         """(q(δ), L(θ) if the JVP gave it) for ρ, with ``cfg.quad_model``'s curvature."""
         d = cfg.damping + cfg.weight_decay
         if cfg.quad_model == "approx":  # the closure's ∇: no JVP gives another one here
-            form = approx_curvature_form(self.preconditioner, self.names, delta, d)
+            form = approx_curvature_form(self.preconditioner, self._names, delta, d)
             return float(inner(delta, grads)) + 0.5 * form, None
         gram = ggn_gram(self.preconditioner.model, named, inputs, loss_fn, [delta])  # type: ignore[arg-type]
         linear = float(self._linear_terms(cfg, [delta], grads, named, gram)[0])
@@ -329,7 +345,7 @@ class AdaptiveNG(torch.optim.Optimizer):
             ValueError: not an AdaptiveNG state_dict, other parameter shapes, a
                 non-finite δ_prev, or a hyper-parameter out of range.
         """
-        check_loadable(state_dict, self.param_groups[0]["params"], self.names)
+        check_loadable(state_dict, self.param_groups[0]["params"], self._names)
         extra = state_dict["adaptive"]
         last = extra["last_step"]
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "adaptive"})

@@ -14,7 +14,7 @@ QUAD_MODELS = ("ggn", "approx")
 MODEL_GRADS = ("closure", "inputs")
 GROUP_KEYS = ("lr", "momentum", "damping", "adapt_damping", "damping_update_freq",
               "damping_decay", "min_damping", "max_damping", "weight_decay", "quad_model",
-              "kl_clip", "model_grad")
+              "kl_clip", "model_grad", "loss_lower_bound")
 
 
 def _number(name: str, v: Any) -> float:
@@ -45,6 +45,7 @@ class StepConfig:
         quad_model: "ggn" or "approx": the curvature of q(δ) in ρ.
         kl_clip: κ of the norm constraint (fixed ``lr`` only), or None.
         model_grad: "closure" or "inputs": whose gradient the exact model's linear term uses.
+        loss_lower_bound: a bound the automatic step's model prediction must respect.
         rule: the Levenberg–Marquardt rule (decay ω and the clamp).
     """
 
@@ -57,6 +58,7 @@ class StepConfig:
     quad_model: str
     kl_clip: float | None
     model_grad: str
+    loss_lower_bound: float | None
     rule: LevenbergMarquardt
 
     @property
@@ -112,4 +114,7 @@ class StepConfig:
         return StepConfig(lr=lr, momentum=momentum, damping=damping,
                           adapt_damping=group["adapt_damping"], damping_update_freq=freq,
                           weight_decay=wd, quad_model=group["quad_model"], kl_clip=kl_clip,
-                          model_grad=group["model_grad"], rule=rule)
+                          model_grad=group["model_grad"],
+                          loss_lower_bound=_optional("loss_lower_bound",
+                                                     group["loss_lower_bound"]),
+                          rule=rule)
