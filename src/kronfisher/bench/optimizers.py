@@ -164,5 +164,6 @@ def _adaptive(pc: Preconditioner, h: Hyper) -> torch.optim.Optimizer:
     return AdaptiveNG(pc, lr=None if h.auto_lr else h.lr,
                       momentum=None if h.auto_momentum else h.momentum,
                       damping=h.damping, damping_update_freq=h.damping_update_freq,
+                      min_damping=h.min_damping,
                       weight_decay=h.weight_decay, quad_model=h.quad_model,
                       kl_clip=h.kl_clip)

@@ -155,6 +155,7 @@ class Hyper:
     quad_model: str = "ggn"  # adaptive: curvature of q(δ) in ρ ("ggn" exact, "approx")
     jvp_fraction: float = 1.0  # adaptive: share of the minibatch the JVPs and ρ use
     curvature_estimator: str = "sampled"  # "sampled" targets or curvature "propagation"
+    min_damping: float = 1e-5  # adaptive: λ's floor (kfac-jax's auto-encoder example)
 
 
 def hyper(problem: str, optimizer: str, preset: str = "paper") -> Hyper:
