@@ -73,9 +73,21 @@ class LayerAdapter:
         """Write the (d_g, d_a) matrix ``M`` back as the weight's and bias's ``.grad``."""
         w, b = _weight(module), _bias(module)
         n = w[0].numel()
-        w.grad = M[:, :n].reshape(w.shape).to(w.dtype).contiguous()
+        w.grad = _own(M[:, :n].reshape(w.shape).to(w.dtype).contiguous(), M)
         if b is not None:
-            b.grad = M[:, n].to(b.dtype).contiguous()
+            b.grad = _own(M[:, n].to(b.dtype).contiguous(), M)
+
+
+def _own(t: Tensor, M: Tensor) -> Tensor:
+    """``t``, or a copy of it if it is a view of ``M``'s memory.
+
+    The weight's and the bias's ``.grad`` must not share memory: views share one version
+    counter, and the preconditioner reads a ``.grad``'s version to tell a new backward's
+    addition from other in-place changes.
+    """
+    if t.untyped_storage().data_ptr() == M.untyped_storage().data_ptr():
+        return t.clone()
+    return t
 
 
 def _cat_bias(gw: Tensor, gb: Tensor) -> Tensor:
