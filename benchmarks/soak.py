@@ -131,7 +131,8 @@ class Batches:
         return self.data[self._perm[epoch][b * self.batch:(b + 1) * self.batch]]
 
 
-def one_step(run: Run, x: torch.Tensor, faults: Faults, n_curv: int, stats: Counter) -> None:
+def one_step(run: Run, x: torch.Tensor, faults: Faults, n_curv: int, stats: Counter,
+             losses: dict[int, float]) -> None:
     s = run.step
     if run.pc.steps % run.pc.cov_update_freq == 0:
         xc = x[:n_curv] * (1e20 if s in faults.overflow else 1.0)
@@ -142,7 +143,10 @@ def one_step(run: Run, x: torch.Tensor, faults: Faults, n_curv: int, stats: Coun
         x = x.clone()
         x[-1, 100] = float("nan")  # one corrupt pixel outside the curvature batch
     run.opt.zero_grad(set_to_none=True)
-    per_example_loss(run.model(x), x, "bernoulli").mean().backward()
+    loss = per_example_loss(run.model(x), x, "bernoulli").mean()
+    loss.backward()
+    if s not in faults.nan:
+        losses[s] = loss.item() / 784  # per pixel (a replayed step overwrites its value)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ok = run.pc.step()
@@ -157,7 +161,8 @@ def one_step(run: Run, x: torch.Tensor, faults: Faults, n_curv: int, stats: Coun
     run.step += 1
 
 
-def train(args, data, faults: Faults | None, folder: Path | None, stats: Counter) -> Run:
+def train(args, data, faults: Faults | None, folder: Path | None, stats: Counter,
+          losses: dict[int, float]) -> Run:
     """The run; with ``faults`` None an uninterrupted one without kills or saves."""
     run = new_run(args)
     batches = Batches(data, args.batch, args.seed)
@@ -168,7 +173,7 @@ def train(args, data, faults: Faults | None, folder: Path | None, stats: Counter
     kills = list(f.kills)
     last_state: Path | None = None
     while run.step < args.steps:
-        one_step(run, batches(run.step), f, n_curv, stats)
+        one_step(run, batches(run.step), f, n_curv, stats, losses)
         s = run.step
         fp = fingerprint(run.model)
         if s in prints:  # a replay after a kill
@@ -249,15 +254,21 @@ def main() -> None:
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="kronfisher-soak-") as tmp:
         folder = Path(tmp)
-        run = train(args, data, faults, folder, stats)
+        losses: dict[int, float] = {}
+        run = train(args, data, faults, folder, stats, losses)
         check_checkpoints(folder, data[:64], stats)
     finite = all(bool(torch.isfinite(p).all()) for p in run.model.parameters())
     if args.reference:
-        ref = train(args, data, Faults(faults.nan, faults.overflow, [], set()), None, Counter())
+        ref = train(args, data, Faults(faults.nan, faults.overflow, [], set()), None, Counter(),
+                    {})
         same = fingerprint(ref.model) == fingerprint(run.model)
         stats["final parameters equal the uninterrupted run's" if same
               else "final parameters DIFFER from the uninterrupted run's"] += 1
     print(f"done in {time.time() - t0:.0f} s")
+    order = sorted(losses)
+    first, last = [losses[s] for s in order[:50]], [losses[s] for s in order[-50:]]
+    print(f"  per-pixel minibatch loss: first 50 steps {sum(first) / len(first):.4f},"
+          f" last 50 {sum(last) / len(last):.4f}")
     for k, v in sorted(stats.items()):
         print(f"  {k}: {v}")
     bad = [k for k in stats if any(w in k for w in ("MISMATCH", "DID NOT", "DAMAGED",
