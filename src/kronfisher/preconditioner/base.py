@@ -45,7 +45,7 @@ from ._checks import (
 from .batch import take_batch
 from .casting import follow_module
 from .collecting import CollectMixin
-from .freshness import classify_grads
+from .freshness import GradFreshness, classify_grads
 from .hooks import ModelHooks
 from .kl_clip import kl_clip_factor
 from .layer_state import LayerState
@@ -196,7 +196,8 @@ class Preconditioner(CollectMixin, StateDictMixin):
         Returns:
             True if the gradients were preconditioned; False if the step was skipped
             because of a non-finite gradient (see ``nonfinite``) or because no registered
-            layer has a gradient from a new backward (with a warning saying which case).
+            layer has a gradient from a new backward (a warning says which layers and why);
+            a skipped step clears every gradient, so ``optimizer.step()`` changes nothing.
 
         Raises:
             RuntimeError: no registered layer has a new gradient and some still have the
@@ -208,10 +209,13 @@ class Preconditioner(CollectMixin, StateDictMixin):
             NonFiniteError: with ``nonfinite="raise"``, a NaN/Inf gradient or statistic.
         """
         self._check_hooks("step()")
-        fresh = self._check_fresh_grads()
-        if not fresh:  # even so, a NaN gradient must not stay for the optimizer to apply
+        sorted_grads = self._check_fresh_grads()
+        fresh = sorted_grads.fresh
+        if not fresh:
             bad = self._nonfinite_grads()
-            return self._reject(f"non-finite gradient in parameter(s) {bad}") if bad else False
+            if bad:
+                return self._reject(f"non-finite gradient in parameter(s) {bad}")
+            return self._skip(sorted_grads.nothing_fresh())
         t0 = time.perf_counter()
         casted = [s for s in self.layers.values() if follow_module(s)]
         if casted:
@@ -261,12 +265,12 @@ class Preconditioner(CollectMixin, StateDictMixin):
     def _tracked_params(self) -> list[Tensor]:
         return [p for s in self.layers.values() for p in s.adapter.params(s.module)]
 
-    def _check_fresh_grads(self) -> list[LayerState]:
-        """The layers whose .grad a backward produced since the last step (see step()).
+    def _check_fresh_grads(self) -> GradFreshness:
+        """The layers sorted by whether a backward produced their .grad since the last step.
 
-        Warns once per layer about the layers left out. With no fresh layer: raises if a
-        layer still has the .grad the last step wrote (a second step() without a
-        backward), else warns and returns [] (the step is skipped).
+        Warns once per layer about the layers left out while others are fresh. With no
+        fresh layer, raises if a layer still has the .grad the last step wrote (a second
+        step() without a backward); otherwise step() skips the step.
         """
         f = classify_grads(list(self.layers.values()), self._written)
         if not f.fresh and f.stale:
@@ -276,22 +280,27 @@ class Preconditioner(CollectMixin, StateDictMixin):
                 " step(); preconditioning them twice would apply the curvature twice"
             )
         if not f.fresh:
-            warnings.warn(f.nothing_fresh(), RuntimeWarning, stacklevel=4)  # past no_grad
-            self._written.new_interval(self._tracked_params())
-            return []
+            return f
         new = [n for n in f.stale + f.mixed if n not in self._warned_not_fresh]
         if new:
             self._warned_not_fresh.update(new)
             warnings.warn(
                 f"layer(s){f.why_left()}: left as they are, not preconditioned again and left"
                 " out of the KL clip (warned once per layer)", RuntimeWarning, stacklevel=4)
-        return f.fresh
+        return f
 
     def _reject(self, msg: str) -> bool:
         if self.nonfinite == "raise":
             raise NonFiniteError(msg)
+        return self._skip(msg, stacklevel=5)
+
+    def _skip(self, msg: str, stacklevel: int = 4) -> bool:
+        """Warn, clear every gradient (``optimizer.step()`` is then a no-op), count it.
+
+        ``stacklevel`` 4 points the warning at step()'s caller (past the no_grad wrapper).
+        """
         warnings.warn(f"{msg}: step skipped, all gradients cleared", RuntimeWarning,
-                      stacklevel=4)  # past the no_grad wrapper
+                      stacklevel=stacklevel)
         for p in self.model.parameters():
             p.grad = None
         self._written.clear()

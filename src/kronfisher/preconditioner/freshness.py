@@ -40,7 +40,7 @@ class GradFreshness:
 
     def nothing_fresh(self) -> str:
         """The warning of a step skipped because no layer has a new gradient."""
-        msg = "step() skipped: no registered layer has a gradient from a new backward"
+        msg = "no registered layer has a gradient from a new backward"
         if self.mixed:
             msg += f"; layer(s){self.why_left()}"
         if self.none:
