@@ -44,6 +44,12 @@ class WeakHook:
         method = self._method()
         return None if method is None else method(*args)
 
+    @property
+    def target(self) -> object | None:
+        """The object whose method this hook calls (None once it is gone)."""
+        method = self._method()
+        return None if method is None else method.__self__
+
     def __reduce__(self):
         raise TypeError("a kronfisher preconditioner's hook cannot be pickled; save the model's"
                         " and the preconditioner's state_dict() instead")
