@@ -48,7 +48,7 @@ class WeakHook:
     def target(self) -> object | None:
         """The object whose method this hook calls (None once it is gone)."""
         method = self._method()
-        return None if method is None else method.__self__
+        return None if method is None else getattr(method, "__self__", None)
 
     def __reduce__(self):
         raise TypeError("a kronfisher preconditioner's hook cannot be pickled; save the model's"
