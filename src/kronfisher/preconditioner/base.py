@@ -34,17 +34,15 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import UnsupportedLayerError
-from ..linalg import all_finite as _all_finite
 from ._checks import (
     KL_CLIP_MODES,
     check_damping,
     checked_options,
-    curvature_finite,
     nonfinite_names,
 )
-from .batch import take_batch
 from .casting import follow_module
-from .collecting import CollectMixin
+from .collecting import CollectMixin, NonFiniteError
+from .copying import UncopyableMixin
 from .freshness import GradFreshness, classify_grads
 from .hooks import ModelHooks
 from .kl_clip import kl_clip_factor
@@ -56,11 +54,7 @@ from .written import WrittenGrads
 __all__ = ["Preconditioner", "LayerState", "NonFiniteError", "KL_CLIP_MODES"]
 
 
-class NonFiniteError(FloatingPointError):
-    """A gradient or statistic contained NaN or Inf (raised when ``nonfinite="raise"``)."""
-
-
-class Preconditioner(CollectMixin, StateDictMixin):
+class Preconditioner(UncopyableMixin, CollectMixin, StateDictMixin):
     """Base class of all natural-gradient preconditioners (see module docstring).
 
     Args:
@@ -158,21 +152,6 @@ class Preconditioner(CollectMixin, StateDictMixin):
         """
         self._hooks.remove()
         self._hooks_removed = True
-
-    # ------------------------------------------------------------------ copies
-    def __reduce_ex__(self, protocol):
-        raise TypeError(
-            f"a {type(self).__name__} cannot be pickled or copied: it is bound to the modules"
-            " of its model (hooks, per-layer state). Save `precond.state_dict()` (with"
-            " torch.save) and restore it into a new preconditioner built on the model with"
-            " `load_state_dict()`"
-        )
-
-    def __deepcopy__(self, memo):
-        self.__reduce_ex__(4)
-
-    def __copy__(self):
-        self.__reduce_ex__(4)
 
     def _check_hooks(self, what: str) -> None:
         if self._hooks_removed:
@@ -308,41 +287,6 @@ class Preconditioner(CollectMixin, StateDictMixin):
         self.steps += 1
         return False
 
-    def _fold_in_captures(self) -> None:
-        batch = {}
-        for s, b in take_batch(list(self.layers.values())).items():
-            if not (_all_finite(b.a) and _all_finite(b.g)):
-                self._curvature_rejected(s.name, "non-finite curvature statistics")
-                continue
-            batch[s] = (b.a, b.g, b.spatial)  # the subclass interface's (a, g, spatial)
-        if not batch:
-            return
-        before = {s: (s.curvature, s.updates) for s in batch}
-        self._update_curvature(batch)
-        overflowed = [s for s, (old, _) in before.items()
-                      if s.curvature is not old and not curvature_finite(s.curvature)]
-        for s in overflowed:  # restore every layer before reporting: "raise" stops at the first
-            s.curvature, s.updates = before[s]  # the running average stays as it was
-        for s in overflowed:
-            self._curvature_rejected(
-                s.name, "the curvature built from its statistics is not finite (the"
-                " statistics are finite but the factors overflow their dtype)")
-
-    def _curvature_rejected(self, name: str, why: str, stacklevel: int = 5) -> None:
-        """Drop one layer's curvature update: raise (``nonfinite="raise"``) or warn.
-
-        ``stacklevel`` 5 points the warning at the caller of step(), past its no_grad
-        wrapper.
-        """
-        if self.nonfinite == "raise":
-            raise NonFiniteError(f"layer {name!r}: {why}; curvature update not applied")
-        warnings.warn(
-            f"layer {name!r}: {why}: curvature update skipped for this layer (the running"
-            " average keeps its previous value)",
-            RuntimeWarning,
-            stacklevel=stacklevel,
-        )
-
     def _decay(self, state: LayerState) -> float:
         """The decay min(1 − 1/k, ρ) of this curvature batch (0: keep only the new batch).
 
@@ -363,9 +307,6 @@ class Preconditioner(CollectMixin, StateDictMixin):
     # ---------------------------------------------------- subclass operations
     def _after_cast(self, layers: list[LayerState]) -> None:
         """Called after ``layers``' curvature was cast to their modules' dtype/device."""
-
-    def _update_curvature(self, batch: dict[LayerState, tuple[Tensor, Tensor, tuple]]) -> None:
-        raise NotImplementedError
 
     def _refresh_inverse(self, state: LayerState) -> None:
         raise NotImplementedError

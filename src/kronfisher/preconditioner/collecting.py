@@ -1,9 +1,11 @@
-"""Recording the curvature batch: ``collect()`` and the forward and gradient hooks.
+"""The curvature batch: ``collect()``, the forward and gradient hooks, and the fold-in.
 
 :class:`CollectMixin` gives :class:`~kronfisher.preconditioner.Preconditioner` its
 :meth:`~CollectMixin.collect` context. The global forward hook (:mod:`.hooks`) calls
 :meth:`CollectMixin._forward_hook` for every module; it records the registered ones while a
-``collect()`` is active and attaches a gradient hook to their outputs.
+``collect()`` is active and attaches a gradient hook to their outputs. ``step()`` calls
+:meth:`CollectMixin._fold_in_captures`, which hands the batch to the subclass's
+``_update_curvature`` and undoes the update of any layer whose curvature overflowed.
 """
 
 from __future__ import annotations
@@ -15,9 +17,15 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from ._checks import as_int
+from ..linalg import all_finite
+from ._checks import as_int, curvature_finite
+from .batch import take_batch
 from .hooks import inside_backward
 from .layer_state import Capture, LayerState
+
+
+class NonFiniteError(FloatingPointError):
+    """A gradient or statistic contained NaN or Inf (raised when ``nonfinite="raise"``)."""
 
 __all__ = ["CollectMixin"]
 
@@ -32,8 +40,13 @@ class CollectMixin:
     _collecting: bool
     _reduction: str
     _batch_size: int | None
+    nonfinite: str
 
     def _check_hooks(self, what: str) -> None:
+        raise NotImplementedError
+
+    def _update_curvature(self, batch: dict[LayerState, tuple[Tensor, Tensor, tuple]]) -> None:
+        """Fold one batch of (a, g, spatial) per layer into the layers' curvature."""
         raise NotImplementedError
 
     @contextlib.contextmanager
@@ -127,3 +140,38 @@ class CollectMixin:
                 state.captures.append(Capture(a=cap.a, spatial=spatial, g=g))
 
         output.register_hook(grad_hook)
+
+    def _fold_in_captures(self) -> None:
+        batch = {}
+        for s, b in take_batch(list(self.layers.values())).items():
+            if not (all_finite(b.a) and all_finite(b.g)):
+                self._curvature_rejected(s.name, "non-finite curvature statistics")
+                continue
+            batch[s] = (b.a, b.g, b.spatial)  # the subclass interface's (a, g, spatial)
+        if not batch:
+            return
+        before = {s: (s.curvature, s.updates) for s in batch}
+        self._update_curvature(batch)
+        overflowed = [s for s, (old, _) in before.items()
+                      if s.curvature is not old and not curvature_finite(s.curvature)]
+        for s in overflowed:  # restore every layer before reporting: "raise" stops at the first
+            s.curvature, s.updates = before[s]  # the running average stays as it was
+        for s in overflowed:
+            self._curvature_rejected(
+                s.name, "the curvature built from its statistics is not finite (the"
+                " statistics are finite but the factors overflow their dtype)")
+
+    def _curvature_rejected(self, name: str, why: str, stacklevel: int = 5) -> None:
+        """Drop one layer's curvature update: raise (``nonfinite="raise"``) or warn.
+
+        ``stacklevel`` 5 points the warning at the caller of step(), past its no_grad
+        wrapper.
+        """
+        if self.nonfinite == "raise":
+            raise NonFiniteError(f"layer {name!r}: {why}; curvature update not applied")
+        warnings.warn(
+            f"layer {name!r}: {why}: curvature update skipped for this layer (the running"
+            " average keeps its previous value)",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
