@@ -127,8 +127,7 @@ def _cmd_compare(args) -> int:
     except OutputError as e:
         print(f"kronfisher compare: {e}", file=sys.stderr)
         return 1
-    print(summarise(results)["markdown"])
-    print(f"plots: {args.out / 'loss_vs_epoch.png'}, {args.out / 'loss_vs_time.png'}")
+    print(summarise(results)["markdown"])  # compare said where the plots are, or why none
     return 0
 
 
@@ -157,27 +156,52 @@ def _compare_interrupted(out: Path):
 
 
 def _cmd_fisher_error(args) -> int:
-    from .bench.fisher_error import fisher_error_study, plot_fisher_errors, write_rows
+    from .bench.fisher_error import fisher_error_study, plot_fisher_errors
+    from .bench.io import OutputError, check_writable_dir, csv_text, save_text, write_csv
 
+    try:  # before the study, not after it
+        check_writable_dir(args.out)
+    except OutputError as e:
+        print(f"kronfisher fisher-error: {e}", file=sys.stderr)
+        return 2
+    csv_path = args.out / "fisher_error.csv"
     tr, _ = _load(args.problem)
+    done: list[dict] = []
+    failed: list[str] = []
 
     def log(step, errs, bad):
         cells = "  ".join(f"{k} {v['frobenius']:.4f}" for k, v in errs.items())
         print(f"step {step:5d}  {cells}" + (f"  VIOLATION {bad}" if bad else ""), flush=True)
 
+    def on_rows(rows):  # every row is on disk as soon as it is computed
+        done[:] = rows
+        try:
+            write_csv(csv_path, rows)
+        except OSError as e:
+            if not failed:
+                print(f"kronfisher fisher-error: cannot write {csv_path} ({e.strerror or e});"
+                      " the rows are kept in memory and saved elsewhere at the end",
+                      file=sys.stderr)
+            failed.append(str(e))
+
+    args.on_interrupt = lambda: (f"the {len({r['step'] for r in done})} measurement(s) made"
+                                 f" are in {csv_path}" if done and not failed
+                                 else "no measurement was written")
     try:
         rows = fisher_error_study(args.problem, args.layer, args.steps, args.every, tr,
                                   m=args.batch, lr=args.lr, seed=args.seed,
                                   preset=args.preset, max_dim=args.max_dim, log=log,
-                                  sub_block=args.sub_block)
+                                  sub_block=args.sub_block, on_rows=on_rows)
     except ValueError as e:
         print(f"kronfisher fisher-error: {e}", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_rows(rows, args.out / "fisher_error.csv")
+    if failed and save_text(csv_path, csv_text(rows)) != csv_path:
+        return 1  # save_text said where the rows went
     png = plot_fisher_errors(rows, args.out / "fisher_error.png",
                              f"{args.problem}, Linear layer {args.layer}")
-    print(f"wrote {args.out / 'fisher_error.csv'}" + (f" and {png}" if png else ""))
+    print(f"wrote {csv_path}" + (f" and {png}" if png else
+                                 " (no plot: plots need matplotlib, pip install"
+                                 " 'kronfisher[bench]')"))
     violations = [r for r in rows if r["violations"]]
     return 1 if violations else 0
 

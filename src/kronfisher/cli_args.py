@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from .linalg.damping import SCHEMES
 
 __all__ = ["build_parser", "add_run_options", "positive_float", "nonnegative_float",
-           "positive_int", "nonnegative_int", "sub_block", "add_curvature_scale_parser",
+           "finite_positive_float", "float32_positive", "positive_int", "nonnegative_int",
+           "sub_block", "add_curvature_scale_parser",
            "DEMO_OUT", "DEMO_BUDGET"]
 
 DEMO_OUT = "results/demo-curves"
@@ -20,6 +22,33 @@ def positive_float(s: str) -> float:
     v = float(s)
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32: a learning rate or damping above it overflows the float32 models."""
+
+
+MAX_EPOCHS = 1e9
+"""More epochs than any run can take; larger counts overflow the step count."""
+
+
+def finite_positive_float(s: str) -> float:
+    """Option type: a finite float in (0, 1e9] (``inf`` and ``nan`` refused): an epoch count."""
+    v = positive_float(s)
+    if not (math.isfinite(v) and v <= MAX_EPOCHS):
+        raise argparse.ArgumentTypeError(f"must be a finite number in (0, {MAX_EPOCHS:g}],"
+                                         f" got {s}")
+    return v
+
+
+def float32_positive(s: str) -> float:
+    """Option type: a float > 0 that a float32 model can use (at most 3.4e38)."""
+    v = positive_float(s)
+    if not v <= FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {FLOAT32_MAX:.3g} (the models are float32; a larger value"
+            f" overflows every parameter it touches), got {s}")
     return v
 
 
@@ -59,7 +88,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=PRESETS, default="paper",
                    help="model and optimizer settings: 'paper' (the authors') or 'classic'"
                         " (Martens'); default: paper")
-    p.add_argument("--epochs", type=positive_float, default=None,
+    p.add_argument("--epochs", type=finite_positive_float, default=None,
                    help="train for this many epochs")
     p.add_argument("--time-budget", type=positive_float, default=None, metavar="S",
                    help="train for at most S seconds of wall-clock time (evaluation excluded)")
@@ -85,8 +114,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu",
                    help="torch device for the run, e.g. cuda (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and init")
-    p.add_argument("--lr", type=positive_float, default=None, help="override the learning rate")
-    p.add_argument("--damping", type=positive_float, default=None,
+    p.add_argument("--lr", type=float32_positive, default=None,
+                   help="override the learning rate")
+    p.add_argument("--damping", type=float32_positive, default=None,
                    help="override the damping (second-order methods)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="override batch size")
     p.add_argument("--cov-update-freq", type=positive_int, default=None,
@@ -194,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure every this many steps (default 20)")
     f.add_argument("--batch", type=positive_int, default=None,
                    help="examples per Fisher estimate (default: the problem's batch size)")
-    f.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    f.add_argument("--lr", type=float32_positive, default=1e-3, help="Adam learning rate")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--max-dim", type=positive_int, default=8000,
                    help="refuse layers with more parameters than this (dense Fisher)")

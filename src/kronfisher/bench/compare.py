@@ -167,7 +167,9 @@ def _compare_locked(configs, out: Path, train_data, test_data, progress, echo):
         rescued.append("summary.json")
     save(out / "summary.md", summary["markdown"] + _iteration_section(results, out, train_data))
     try:
-        plot_runs(results, out)
+        plots = plot_runs(results, out)
+        echo(f"plots: {', '.join(str(p) for p in plots)}" if plots else
+             "no plots: they need matplotlib (pip install 'kronfisher[bench]')")
     except OSError as e:
         echo(f"kronfisher: could not write the plots in {out}: {e.strerror or e}")
     if rescued:
@@ -244,7 +246,10 @@ def summarise(results: dict[str, dict], reference: str = "kfac") -> dict:
 
 
 def plot_runs(results: dict[str, dict], out: str | Path) -> list[Path]:
-    """PNG plots of training (solid) and test (dashed) loss against epochs and wall time."""
+    """PNG plots of training (solid) and test (dashed) loss against epochs and wall time.
+
+    Returns the paths written: none without matplotlib (``kronfisher[bench]``).
+    """
     try:
         import matplotlib
 

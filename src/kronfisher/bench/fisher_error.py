@@ -10,6 +10,7 @@ exact solvers (DESIGN.md §3).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -74,14 +75,16 @@ def ordering_violations(errs: dict[str, dict[str, float]], slack: float = 1e-9) 
 def fisher_error_study(problem: str, layer: int, steps: int, every: int, train_data: Tensor, *,
                        m: int | None = None, lr: float = 1e-3, seed: int = 0,
                        preset: str = "paper", max_dim: int = 8000, log=None,
-                       sub_block: tuple[int, int] | None = None) -> list[dict]:
+                       sub_block: tuple[int, int] | None = None,
+                       on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Run Adam for ``steps`` steps; measure every ``every`` steps (and at step 0).
 
     ``layer`` counts Linear layers from 1. ``sub_block=(k_out, k_in)`` restricts the study
     to the weights of the first k_out output units from the first k_in inputs, plus their
     biases: that block of the Fisher is the one built from (a[:, :k_in], 1) and g[:, :k_out],
-    so every method is compared on it exactly as on a whole layer. Returns one row per
-    (step, method).
+    so every method is compared on it exactly as on a whole layer. ``on_rows`` is called
+    with all rows so far after each measurement (to write them as they are computed).
+    Returns one row per (step, method).
     """
     p = PROBLEMS[problem]
     torch.manual_seed(seed)
@@ -118,6 +121,8 @@ def fisher_error_study(problem: str, layer: int, steps: int, every: int, train_d
                              "spectrum_error": e["spectrum"], "violations": ";".join(bad)})
             if log:
                 log(step, errs, bad)
+            if on_rows:
+                on_rows(rows)
         if step == steps:
             break
         opt.zero_grad(set_to_none=True)

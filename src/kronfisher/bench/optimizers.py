@@ -149,21 +149,21 @@ def make_optimizers(name: str, model: nn.Module, h: Hyper, *, solver: str = "aut
     else:
         pc = PRECONDITIONERS[method](model, solver=solver, **kw)
     if h.step_rule == "adaptive":
-        return Optimizers(_adaptive(pc, h), pc)
+        return Optimizers(_adaptive(pc, h, h.damping), pc)
     return Optimizers(opt, pc)
 
 
-def _adaptive(pc: Preconditioner, h: Hyper) -> torch.optim.Optimizer:
+def _adaptive(pc: Preconditioner, h: Hyper, damping: float) -> torch.optim.Optimizer:
     """The ``adaptive`` step rule: :class:`kronfisher.optim.AdaptiveNG` over ``pc``.
 
-    Weight decay enters the quadratic model as η (not the torch optimizer); the damping
-    ``h.damping`` is the initial λ.
+    Weight decay enters the quadratic model as η (not the torch optimizer); ``damping``
+    (``h.damping``, checked by the caller) is the initial λ.
     """
     from ..optim import AdaptiveNG
 
     return AdaptiveNG(pc, lr=None if h.auto_lr else h.lr,
                       momentum=None if h.auto_momentum else h.momentum,
-                      damping=h.damping, damping_update_freq=h.damping_update_freq,
+                      damping=damping, damping_update_freq=h.damping_update_freq,
                       min_damping=h.min_damping,
                       weight_decay=h.weight_decay, quad_model=h.quad_model,
                       kl_clip=h.kl_clip)

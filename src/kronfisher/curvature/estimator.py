@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,16 +65,21 @@ class KroneckerEstimator:
         tol: float | None = None,
         max_iter: int | None = None,
     ):
+        # numpy integers and floats are accepted and stored as Python numbers; flags are not
+        rank = _plain(rank)
         method_rank(method, rank)  # validates method and rank
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
+        tol, max_iter, conv_radius = _plain(tol), _plain(max_iter), _plain(conv_radius)
         if tol is not None and not (
                 isinstance(tol, int | float) and not isinstance(tol, bool) and 0 < tol < 1):
             raise ValueError(f"tol must be a relative tolerance in (0, 1) or None, got {tol!r}")
         if max_iter is not None and not (
                 isinstance(max_iter, int) and not isinstance(max_iter, bool) and max_iter >= 1):
             raise ValueError(f"max_iter must be an integer >= 1 or None, got {max_iter!r}")
-        if conv_radius != "all" and not (isinstance(conv_radius, int) and conv_radius >= 0):
+        if conv_radius != "all" and not (isinstance(conv_radius, int)
+                                         and not isinstance(conv_radius, bool)
+                                         and conv_radius >= 0):
             raise ValueError(f"conv_radius must be an int >= 0 or 'all', got {conv_radius!r}")
         self.method, self.solver, self.rank = method, solver, rank
         self.conv_radius, self.tol, self.max_iter = conv_radius, tol, max_iter
@@ -194,6 +200,17 @@ class KroneckerEstimator:
         out = KroneckerSum(terms)
         out.info = dict(new.info)
         return out
+
+
+def _plain(v):
+    """A numpy (or other registered) integer/real scalar as a Python int/float; else ``v``."""
+    if isinstance(v, bool | str) or v is None:
+        return v
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return v
 
 
 def pow2_scale(x: Tensor) -> float:

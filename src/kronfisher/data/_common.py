@@ -210,8 +210,41 @@ def remove_stale_temporaries(path: Path, *, max_age: float = STALE_TMP_SECONDS) 
     return removed
 
 
+def _discard(tmp: Path) -> None:
+    """Remove a temporary if it exists; a failure here must not hide the error being raised.
+
+    (On a read-only file system even unlinking a missing file fails, with EROFS.)
+    """
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def check_cache_writable(path: Path) -> None:
+    """Raise DatasetError now, before a build, if the cache file ``path`` cannot be written.
+
+    A probe file is created and removed in ``path``'s folder.
+    """
+    probe = path.with_name(f".{path.name}.{os.getpid()}.probe")
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.close(fd)
+    except OSError as exc:
+        raise DatasetError(
+            f"cannot write the data cache directory {path.parent} ({exc.strerror or exc}), so"
+            f" {path.name} could not be cached: nothing was built. Set ${ENV_CACHE} to a"
+            " writable directory (or pass cache_dir=...)."
+        ) from exc
+    _discard(probe)
+
+
 def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write ``arrays`` to the uncompressed ``.npz`` file ``path`` atomically."""
+    """Write ``arrays`` to the uncompressed ``.npz`` file ``path`` atomically.
+
+    Raises:
+        DatasetError: the file cannot be written (the temporary is removed if it can be).
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -221,10 +254,10 @@ def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise DatasetError(f"cannot write the data cache {path}: {exc}") from exc
     except BaseException:  # e.g. KeyboardInterrupt: never leave the temporary behind
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
 
 
@@ -272,6 +305,7 @@ def cached_splits(
         )
         return arrays
     remove_stale_temporaries(path)
+    check_cache_writable(path)  # before the build, which may take minutes
     arrays = build()
     check_arrays(
         arrays,

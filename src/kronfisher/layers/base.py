@@ -82,7 +82,19 @@ class LayerAdapter:
     def set_grad_matrix(cls, module: nn.Module, M: Tensor) -> None:
         """Write the (d_g, d_a) matrix ``M`` back as the weight's and bias's ``.grad``."""
         for p, part in zip(cls.params(module), cls.split_matrix(module, M)):
-            p.grad = part.to(p.dtype).contiguous()
+            p.grad = _own(part.to(p.dtype).contiguous(), M)
+
+
+def _own(t: Tensor, M: Tensor) -> Tensor:
+    """``t``, or a copy of it if it is a view of ``M``'s memory.
+
+    The weight's and the bias's ``.grad`` must not share memory: views share one version
+    counter, and the preconditioner reads a ``.grad``'s version to tell a new backward's
+    addition from other in-place changes.
+    """
+    if t.untyped_storage().data_ptr() == M.untyped_storage().data_ptr():
+        return t.clone()
+    return t
 
 
 def _cat_bias(gw: Tensor, gb: Tensor) -> Tensor:

@@ -127,9 +127,11 @@ class KroneckerSum:
         (see :class:`KroneckerSum`), so the result is always positive definite.
 
         Raises:
-            ValueError: unknown scheme.
+            ValueError: unknown scheme, or damping not a finite number ≥ 0 (as ``factorize``).
         """
         check_scheme(scheme)
+        if not (damping >= 0.0 and math.isfinite(damping)):
+            raise ValueError(f"damping must be a finite number >= 0, got {damping}")
         eye = torch.eye
         terms = list(self._terms)
         A, G = terms[0]

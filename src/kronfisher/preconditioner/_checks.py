@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import TypeVar
 
 import torch
@@ -14,7 +15,7 @@ _LOW = (torch.float16, torch.bfloat16)
 
 __all__ = ["nonfinite_names", "curvature_finite", "check_curvature_shape", "grad_matrix_shape",
            "typed_curvature", "check_positive_int", "check_damping", "check_options",
-           "KL_CLIP_MODES"]
+           "checked_options", "as_int", "as_float", "KL_CLIP_MODES"]
 
 KL_CLIP_MODES = ("lr2", "authors")
 
@@ -95,24 +96,84 @@ def typed_curvature(state, kind: type[C], owner: str, kind_name: str) -> C | Non
     return c
 
 
+def as_int(name: str, v, minimum: int = 1) -> int:
+    """``v`` as a Python int (numpy integers accepted).
+
+    Raises:
+        ValueError: ``v`` is not an integer >= ``minimum`` (``True``/``False`` refused).
+    """
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    return int(v)
+
+
+def as_float(name: str, v, *, low: float = 0.0, low_open: bool = False,
+             high: float | None = None, high_open: bool = True) -> float:
+    """``v`` as a finite Python float within the bounds (numpy scalars accepted).
+
+    Raises:
+        ValueError: ``v`` is not a finite real number in the range (``True``/``False``
+            refused: a flag is not a number).
+    """
+    ok = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(float(v))
+    if ok:
+        f = float(v)
+        ok = (f > low if low_open else f >= low) and (
+            high is None or (f < high if high_open else f <= high))
+    if not ok:
+        lo = f"{'(' if low_open else '['}{low:g}"
+        hi = "∞)" if high is None else f"{high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number in {lo}, {hi}, got {v!r}")
+    return f
+
+
 def check_positive_int(name: str, v) -> None:
     """Raise ValueError unless ``v`` is an integer >= 1 (``name`` is the argument's name)."""
-    if not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    as_int(name, v)
 
 
 def check_damping(d) -> float:
     """``d`` as a float.
 
     Raises:
-        ValueError: ``d`` is not a finite number >= 0.
+        ValueError: ``d`` is not a finite number >= 0 (``True``/``False`` refused).
     """
-    if not (isinstance(d, int | float) and math.isfinite(d) and d >= 0):
+    if isinstance(d, bool) or not isinstance(d, numbers.Real) or not (
+            math.isfinite(float(d)) and float(d) >= 0):
         raise ValueError(f"damping must be a finite number >= 0, got {d!r}")
     return float(d)
 
 
 EMA_COUNTERS = ("updates", "steps")
+
+
+def checked_options(*, ema_decay, cov_update_freq, inv_update_freq, kl_clip, kl_clip_mode,
+                    lr, nonfinite: str = "skip", ema_counter: str = "updates") -> dict:
+    """The Preconditioner constructor's schedule and clipping arguments, checked.
+
+    The same checks run on a loaded state_dict's hyper-parameters. Numbers come back as
+    Python ints and floats (numpy scalars are accepted, flags are not numbers), so that a
+    state_dict holds only plain types.
+
+    Raises:
+        ValueError: naming the first argument out of its range (see ``Preconditioner``).
+    """
+    out: dict[str, object] = {"cov_update_freq": as_int("cov_update_freq", cov_update_freq),
+           "inv_update_freq": as_int("inv_update_freq", inv_update_freq),
+           "ema_decay": as_float("ema_decay", ema_decay, high=1.0)}
+    if ema_counter not in EMA_COUNTERS:
+        raise ValueError(f"ema_counter must be one of {EMA_COUNTERS}, got {ema_counter!r}")
+    if kl_clip_mode not in KL_CLIP_MODES:
+        raise ValueError(f"kl_clip_mode must be one of {KL_CLIP_MODES}, got {kl_clip_mode!r}")
+    out["kl_clip"] = None if kl_clip is None else as_float("kl_clip (or None)", kl_clip,
+                                                           low_open=True)
+    out["lr"] = None if lr is None else as_float("lr (or None)", lr, low_open=True)
+    if out["kl_clip"] is not None and kl_clip_mode == "lr2" and out["lr"] is None:
+        raise ValueError("kl_clip in mode 'lr2' needs the optimizer's lr > 0")
+    if nonfinite not in ("skip", "raise"):
+        raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+    out.update(ema_counter=ema_counter, kl_clip_mode=kl_clip_mode)
+    return out
 
 
 def check_options(*, ema_decay: float, cov_update_freq: int, inv_update_freq: int,
@@ -121,19 +182,9 @@ def check_options(*, ema_decay: float, cov_update_freq: int, inv_update_freq: in
     """Check the Preconditioner constructor's schedule and clipping arguments.
 
     Raises:
-        ValueError: naming the first argument out of its range (see ``Preconditioner``).
+        ValueError: naming the first argument out of its range (see :func:`checked_options`).
     """
-    check_positive_int("cov_update_freq", cov_update_freq)
-    check_positive_int("inv_update_freq", inv_update_freq)
-    if not (0.0 <= ema_decay < 1.0):
-        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-    if ema_counter not in EMA_COUNTERS:
-        raise ValueError(f"ema_counter must be one of {EMA_COUNTERS}, got {ema_counter!r}")
-    if kl_clip_mode not in KL_CLIP_MODES:
-        raise ValueError(f"kl_clip_mode must be one of {KL_CLIP_MODES}, got {kl_clip_mode!r}")
-    if kl_clip is not None and not kl_clip > 0:
-        raise ValueError(f"kl_clip must be > 0 (or None), got {kl_clip!r}")
-    if kl_clip is not None and kl_clip_mode == "lr2" and (lr is None or not lr > 0):
-        raise ValueError("kl_clip in mode 'lr2' needs the optimizer's lr > 0")
-    if nonfinite not in ("skip", "raise"):
-        raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+    checked_options(ema_decay=ema_decay, cov_update_freq=cov_update_freq,
+                    inv_update_freq=inv_update_freq, kl_clip=kl_clip,
+                    kl_clip_mode=kl_clip_mode, lr=lr, nonfinite=nonfinite,
+                    ema_counter=ema_counter)

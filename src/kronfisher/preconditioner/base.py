@@ -18,24 +18,35 @@ model parameter (registered or skipped) for NaN/Inf in one pass (one sum each) b
 anything; a curvature update whose statistics or resulting factors are not finite is
 dropped for that layer (warning naming the layer) and the running average keeps its
 previous value; calling ``step()`` again on gradients it already preconditioned, or using
-the preconditioner after :meth:`~Preconditioner.remove_hooks`, raises ``RuntimeError``.
+the preconditioner after :meth:`~Preconditioner.remove_hooks`, raises ``RuntimeError``; a
+layer whose ``.grad`` no new backward produced is left as it is (not preconditioned again,
+not in the KL clip; see :mod:`.written`). The hooks hold the preconditioner weakly and
+add nothing to the modules (:mod:`.hooks`): ``torch.save(model)`` and
+``copy.deepcopy(model)`` see a model without a preconditioner.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from ..layers import UnsupportedLayerError
-from ..linalg import all_finite as _all_finite
-from ._checks import KL_CLIP_MODES, check_damping, check_options, curvature_finite, nonfinite_names
+from ._checks import (
+    KL_CLIP_MODES,
+    check_damping,
+    checked_options,
+    nonfinite_names,
+)
+from .casting import follow_module
+from .collecting import CollectMixin, NonFiniteError
+from .copying import UncopyableMixin
+from .freshness import GradFreshness, classify_grads
+from .hooks import ModelHooks
 from .kl_clip import kl_clip_factor
-from .layer_state import Capture, LayerState
+from .layer_state import LayerState
 from .registration import register_layers
 from .state import StateDictMixin
 from .written import WrittenGrads
@@ -43,11 +54,7 @@ from .written import WrittenGrads
 __all__ = ["Preconditioner", "LayerState", "NonFiniteError", "KL_CLIP_MODES"]
 
 
-class NonFiniteError(FloatingPointError):
-    """A gradient or statistic contained NaN or Inf (raised when ``nonfinite="raise"``)."""
-
-
-class Preconditioner(StateDictMixin):
+class Preconditioner(UncopyableMixin, CollectMixin, StateDictMixin):
     """Base class of all natural-gradient preconditioners (see module docstring).
 
     Args:
@@ -97,19 +104,19 @@ class Preconditioner(StateDictMixin):
     ):
         if not isinstance(model, nn.Module):
             raise TypeError("model must be a torch.nn.Module")
-        check_options(ema_decay=ema_decay, cov_update_freq=cov_update_freq,
-                      inv_update_freq=inv_update_freq, kl_clip=kl_clip,
-                      kl_clip_mode=kl_clip_mode, lr=lr, nonfinite=nonfinite,
-                      ema_counter=ema_counter)
+        opts = checked_options(ema_decay=ema_decay, cov_update_freq=cov_update_freq,
+                               inv_update_freq=inv_update_freq, kl_clip=kl_clip,
+                               kl_clip_mode=kl_clip_mode, lr=lr, nonfinite=nonfinite,
+                               ema_counter=ema_counter)
         self.model = model
         self.damping = check_damping(damping)
-        self.ema_decay = ema_decay
-        self.ema_counter = ema_counter
-        self.cov_update_freq = cov_update_freq
-        self.inv_update_freq = inv_update_freq
-        self.kl_clip = kl_clip
-        self.kl_clip_mode = kl_clip_mode
-        self.lr = lr
+        self.ema_decay: float = opts["ema_decay"]
+        self.ema_counter: str = opts["ema_counter"]
+        self.cov_update_freq: int = opts["cov_update_freq"]
+        self.inv_update_freq: int = opts["inv_update_freq"]
+        self.kl_clip: float | None = opts["kl_clip"]
+        self.kl_clip_mode: str = opts["kl_clip_mode"]
+        self.lr: float | None = opts["lr"]
         self.nonfinite = nonfinite
         self.steps = 0
         self.skipped_steps = 0
@@ -126,22 +133,24 @@ class Preconditioner(StateDictMixin):
         self._by_module = {id(s.module): s for s in self.layers.values()}
         self._collecting = False
         self._reduction = "mean"
+        self._batch_size: int | None = None
         self._hooks_removed = False
-        # the .grad tensors the last step() wrote (to refuse preconditioning them twice)
+        # the .grad tensors the last step() left, and what backwards did to them since
         self._written = WrittenGrads()
-        self._handles = [
-            s.module.register_forward_hook(self._forward_hook) for s in self.layers.values()
-        ]
+        self._warned_not_fresh: set[str] = set()
+        self._hooks = ModelHooks(self, self._forward_hook, self._written.accumulated,
+                                 [p for s in self.layers.values()
+                                  for p in s.adapter.params(s.module)])
 
     def remove_hooks(self) -> None:
-        """Detach the forward hooks from the model; the preconditioner cannot be used after.
+        """Detach the hooks from the model; the preconditioner cannot be used after.
 
         Later :meth:`collect` and :meth:`step` calls raise ``RuntimeError`` (without hooks no
-        curvature would be recorded and ``step()`` would keep using frozen curvature).
+        curvature would be recorded and ``step()`` would keep using frozen curvature). A
+        preconditioner that is no longer referenced is freed and its hooks removed without
+        this call (the hooks hold it weakly).
         """
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._hooks.remove()
         self._hooks_removed = True
 
     def _check_hooks(self, what: str) -> None:
@@ -151,84 +160,53 @@ class Preconditioner(StateDictMixin):
                 " build a new preconditioner (or load its state_dict into a new one) to go on"
             )
 
-    # ------------------------------------------------------------------ hooks
-    @contextlib.contextmanager
-    def collect(self, reduction: str = "mean", *, force: bool = False) -> Iterator[bool]:
-        """Record the curvature batch from the forward and backward run inside.
-
-        ``reduction`` says how the loss combines per-example losses: "mean" (captured
-        output gradients are multiplied by the batch size) or "sum". Yields whether this
-        step records (see ``cov_update_freq``).
-        """
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        self._check_hooks("collect()")
-        active = force or self.steps % self.cov_update_freq == 0
-        if self._collecting:
-            raise RuntimeError("collect() contexts cannot be nested")
-        self._collecting, self._reduction = active, reduction
-        try:
-            yield active
-        finally:
-            self._collecting = False
-            for s in self.layers.values():
-                missing = [c for c in s.captures if c.g is None]
-                if missing:
-                    warnings.warn(
-                        f"layer {s.name!r}: {len(missing)} forward pass(es) inside collect()"
-                        " had no backward inside it; they are dropped from the curvature batch",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-                    s.captures = [c for c in s.captures if c.g is not None]
-
-    @property
-    def collecting(self) -> bool:
-        """True inside :meth:`collect` while statistics are recorded."""
-        return self._collecting
-
-    def _forward_hook(self, module: nn.Module, inputs, output) -> None:
-        if not self._collecting or not torch.is_grad_enabled() or not output.requires_grad:
-            return
-        state = self._by_module[id(module)]
-        cap = Capture(a=state.adapter.inputs(module, inputs[0]))
-        state.captures.append(cap)
-        scale = float(inputs[0].shape[0]) if self._reduction == "mean" else 1.0
-
-        def grad_hook(grad: Tensor) -> None:
-            if self._collecting:
-                cap.g = state.adapter.output_grads(module, grad) * scale
-                cap.spatial = state.adapter.spatial_shape(module, grad)
-
-        output.register_hook(grad_hook)
-
     # ------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self) -> bool:
         """Update curvature/inverses as scheduled and precondition the layers' gradients.
 
-        Returns True if the gradients were preconditioned, False if the step was skipped
-        because of a non-finite gradient (see ``nonfinite``).
+        Only layers whose ``.grad`` a backward produced since the previous step are
+        preconditioned. A layer whose ``.grad`` is still the one the previous step left,
+        or got a backward added onto it without ``zero_grad`` (a parameter outside the
+        optimizer), is left as it is and kept out of the KL clip, with a warning once per
+        layer. A layer whose module changed dtype or device (``model.double()``) gets its
+        curvature cast along.
+
+        Returns:
+            True if the gradients were preconditioned; False if the step was skipped
+            because of a non-finite gradient (see ``nonfinite``) or because no registered
+            layer has a gradient from a new backward (a warning says which layers and why);
+            a skipped step clears every gradient, so ``optimizer.step()`` changes nothing.
 
         Raises:
-            RuntimeError: a registered layer's ``.grad`` is still the one the previous
-                ``step()`` wrote (no backward in between: preconditioning it again would
-                apply the curvature twice); no curvature yet; called after
-                :meth:`remove_hooks`.
+            RuntimeError: no registered layer has a new gradient and some still have the
+                ``.grad`` the previous ``step()`` wrote (no backward in between:
+                preconditioning it again would apply the curvature twice); no curvature
+                yet; called after :meth:`remove_hooks`.
+            ValueError: the curvature batch recorded inside ``collect()`` has no examples
+                or outputs of different spatial sizes in one layer (it is dropped).
             NonFiniteError: with ``nonfinite="raise"``, a NaN/Inf gradient or statistic.
         """
         self._check_hooks("step()")
-        self._check_fresh_grads()
+        sorted_grads = self._check_fresh_grads()
+        fresh = sorted_grads.fresh
+        if not fresh:
+            bad = self._nonfinite_grads()
+            if bad:
+                return self._reject(f"non-finite gradient in parameter(s) {bad}")
+            return self._skip(sorted_grads.nothing_fresh())
         t0 = time.perf_counter()
+        casted = [s for s in self.layers.values() if follow_module(s)]
+        if casted:
+            self._after_cast(casted)
         self._fold_in_captures()
         t1 = time.perf_counter()
         self.timings["curvature"] += t1 - t0
-        bad = nonfinite_names(
-            [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None])
+        bad = self._nonfinite_grads()
         if bad:
             return self._reject(f"non-finite gradient in parameter(s) {bad}")
         grads = {}
-        for s in self.layers.values():
+        for s in fresh:
             G = s.adapter.grad_matrix(s.module)
             if G is not None:
                 grads[s.name] = G
@@ -252,82 +230,62 @@ class Preconditioner(StateDictMixin):
         if bad:
             return self._reject(f"preconditioning produced non-finite values in {bad}")
         nu = self._kl_scale(out, grads)
-        self._written.clear()
         for s, X in out.items():
             s.adapter.set_grad_matrix(s.module, X * nu if nu != 1.0 else X)
-            for p in s.adapter.params(s.module):
-                self._written.record(p)
+        self._written.new_interval(self._tracked_params())
         self.timings["precondition"] += time.perf_counter() - t2
         self.steps += 1
         return True
 
-    def _check_fresh_grads(self) -> None:
-        """Raise if a registered parameter's .grad is the unchanged tensor the last step wrote."""
-        if not self._written:
-            return
-        stale = [s.name for s in self.layers.values()
-                 if any(self._written.unchanged(p) for p in s.adapter.params(s.module))]
-        if stale:
+    def _nonfinite_grads(self) -> list[str]:
+        return nonfinite_names(
+            [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None])
+
+    def _tracked_params(self) -> list[Tensor]:
+        return [p for s in self.layers.values() for p in s.adapter.params(s.module)]
+
+    def _check_fresh_grads(self) -> GradFreshness:
+        """The layers sorted by whether a backward produced their .grad since the last step.
+
+        Warns once per layer about the layers left out while others are fresh. With no
+        fresh layer, raises if a layer still has the .grad the last step wrote (a second
+        step() without a backward); otherwise step() skips the step.
+        """
+        f = classify_grads(list(self.layers.values()), self._written)
+        if not f.fresh and f.stale:
             raise RuntimeError(
-                f"step() called again on gradients it already preconditioned (layer(s) {stale}"
-                " have the .grad the previous step() wrote, unchanged): run a new backward"
-                " (after optimizer.zero_grad()) before each step(); preconditioning them"
-                " twice would apply the curvature twice"
+                f"step() called again on gradients it already preconditioned: layer(s)"
+                f"{f.why_left()}; run a new backward (after optimizer.zero_grad()) before each"
+                " step(); preconditioning them twice would apply the curvature twice"
             )
+        if not f.fresh:
+            return f
+        new = [n for n in f.stale + f.mixed if n not in self._warned_not_fresh]
+        if new:
+            self._warned_not_fresh.update(new)
+            warnings.warn(
+                f"layer(s){f.why_left()}: left as they are, not preconditioned again and left"
+                " out of the KL clip (warned once per layer)", RuntimeWarning, stacklevel=4)
+        return f
 
     def _reject(self, msg: str) -> bool:
         if self.nonfinite == "raise":
             raise NonFiniteError(msg)
+        return self._skip(msg, stacklevel=5)
+
+    def _skip(self, msg: str, stacklevel: int = 4) -> bool:
+        """Warn, clear every gradient (``optimizer.step()`` is then a no-op), count it.
+
+        ``stacklevel`` 4 points the warning at step()'s caller (past the no_grad wrapper).
+        """
         warnings.warn(f"{msg}: step skipped, all gradients cleared", RuntimeWarning,
-                      stacklevel=4)  # past the no_grad wrapper
+                      stacklevel=stacklevel)
         for p in self.model.parameters():
             p.grad = None
         self._written.clear()
         self.skipped_steps += 1
         self.steps += 1
         return False
-
-    def _fold_in_captures(self) -> None:
-        batch = {}
-        for s in self.layers.values():
-            caps, s.captures = [c for c in s.captures if c.g is not None], []
-            if not caps:
-                continue
-            if len({c.spatial for c in caps}) > 1:
-                raise ValueError(f"layer {s.name!r}: captures with different output sizes")
-            a = torch.cat([c.a for c in caps])
-            g = torch.cat([c.g for c in caps if c.g is not None])  # all: caps is filtered
-            if not (_all_finite(a) and _all_finite(g)):
-                self._curvature_rejected(s.name, "non-finite curvature statistics")
-                continue
-            batch[s] = (a, g, caps[0].spatial)
-        if not batch:
-            return
-        before = {s: (s.curvature, s.updates) for s in batch}
-        self._update_curvature(batch)
-        overflowed = [s for s, (old, _) in before.items()
-                      if s.curvature is not old and not curvature_finite(s.curvature)]
-        for s in overflowed:  # restore every layer before reporting: "raise" stops at the first
-            s.curvature, s.updates = before[s]  # the running average stays as it was
-        for s in overflowed:
-            self._curvature_rejected(
-                s.name, "the curvature built from its statistics is not finite (the"
-                " statistics are finite but the factors overflow their dtype)")
-
-    def _curvature_rejected(self, name: str, why: str, stacklevel: int = 5) -> None:
-        """Drop one layer's curvature update: raise (``nonfinite="raise"``) or warn.
-
-        ``stacklevel`` 5 points the warning at the caller of step(), past its no_grad
-        wrapper.
-        """
-        if self.nonfinite == "raise":
-            raise NonFiniteError(f"layer {name!r}: {why}; curvature update not applied")
-        warnings.warn(
-            f"layer {name!r}: {why}: curvature update skipped for this layer (the running"
-            " average keeps its previous value)",
-            RuntimeWarning,
-            stacklevel=stacklevel,
-        )
 
     def _decay(self, state: LayerState) -> float:
         """The decay min(1 − 1/k, ρ) of this curvature batch (0: keep only the new batch).
@@ -347,8 +305,8 @@ class Preconditioner(StateDictMixin):
         return kl_clip_factor(dots, self.kl_clip, self.kl_clip_mode, self.lr)
 
     # ---------------------------------------------------- subclass operations
-    def _update_curvature(self, batch: dict[LayerState, tuple[Tensor, Tensor, tuple]]) -> None:
-        raise NotImplementedError
+    def _after_cast(self, layers: list[LayerState]) -> None:
+        """Called after ``layers``' curvature was cast to their modules' dtype/device."""
 
     def _refresh_inverse(self, state: LayerState) -> None:
         raise NotImplementedError

@@ -10,8 +10,10 @@ from torch import Tensor, nn
 from ..curvature.estimator import pow2_scale
 from ..linalg import SingularFactorError
 from ..linalg.numerics import all_finite, eigh
-from ._checks import grad_matrix_shape, typed_curvature
+from ._checks import as_int, check_damping, grad_matrix_shape, typed_curvature
 from .base import LayerState, Preconditioner
+from .casting import cast_curvature, curvature_dtype
+from .state import state_kind
 
 __all__ = ["ExactNG", "per_example_gradients", "DenseEigh", "FullFisherInverse"]
 
@@ -109,7 +111,10 @@ class ExactNG(Preconditioner):
         nonfinite: str = "skip",
         kl_clip_mode: str = "lr2",
     ):
-        self.block_diagonal = block_diagonal
+        if block_diagonal not in (True, False):
+            raise ValueError(f"block_diagonal must be True or False, got {block_diagonal!r}")
+        self.block_diagonal = bool(block_diagonal)
+        max_params = as_int("max_params", max_params)
         super().__init__(
             model, damping=damping, ema_decay=ema_decay, cov_update_freq=cov_update_freq,
             inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
@@ -275,29 +280,84 @@ class ExactNG(Preconditioner):
     def _unpack(self, packed):
         return packed
 
+    def _after_cast(self, layers: list[LayerState]) -> None:
+        if self.block_diagonal or self._full is None:
+            return
+        dtype, device = curvature_dtype(layers[0])
+        self._full = cast_curvature(self._full, dtype, device)
+        self._full_inverse = None  # refactorised at the next step
+        for s in self.layers.values():
+            lo, hi = self._offsets[s.name]
+            s.curvature = self._full[lo:hi, lo:hi]
+            s.inverse, s.inverse_source, s.inverse_damping = None, None, None
+
+    def _n_params(self) -> int:
+        return max(hi for _, hi in self._offsets.values())
+
+    def _dense(self, where: str, packed, n: int, like: LayerState) -> Tensor:
+        """A saved dense Fisher checked to be an (n, n) floating tensor, cast like ``like``."""
+        if not (isinstance(packed, Tensor) and packed.dtype.is_floating_point):
+            raise ValueError(f"{where} is not a dense floating-point tensor (got"
+                             f" {type(packed).__name__}; a state of a Kronecker method?)")
+        if tuple(packed.shape) != (n, n):
+            raise ValueError(f"{where} is {tuple(packed.shape)}, this model needs ({n}, {n})"
+                             " (same layer names but other widths?)")
+        if not all_finite(packed):
+            raise ValueError(f"{where} has NaN or Inf entries (saved from a diverged run?)")
+        dtype, device = curvature_dtype(like)
+        return packed.to(device, dtype)
+
+    def _check_packed(self, state: LayerState, key: str, packed) -> Tensor:
+        d_g, d_a = grad_matrix_shape(state)
+        n = self._n_params() if (key == "inverse_source" and not self.block_diagonal) else d_g * d_a
+        return self._dense(f"state_dict layer {state.name!r}: the saved {key}", packed, n, state)
+
     def _extra_state(self) -> dict:
         inv = self._full_inverse
         return {
+            "kind": "exact",
             "block_diagonal": self.block_diagonal,
             "full": self._full,
             "full_updates": self._full_updates,
             "full_inverse": None if inv is None else (inv.source, inv.damping, inv.step),
         }
 
+    def _check_extra_state(self, extra: dict) -> dict:
+        kind = state_kind(extra)
+        if kind != "exact":
+            source = (f"the Kronecker method {extra.get('method')!r}" if kind
+                      else "an unknown kind of preconditioner")
+            raise ValueError(f"state_dict is from {source}, this is ExactNG: load it into the"
+                             " kind of preconditioner that saved it")
+        if extra.get("block_diagonal") != self.block_diagonal:
+            raise ValueError(
+                f"state_dict is from ExactNG(block_diagonal={extra.get('block_diagonal')!r}),"
+                f" this ExactNG has block_diagonal={self.block_diagonal} (a block-diagonal and a"
+                " full Fisher are different curvatures)")
+        if self.block_diagonal:
+            return {}
+        like = next(iter(self.layers.values()))
+        n = self._n_params()
+        full = extra.get("full")
+        out: dict = {"full": None if full is None else self._dense(
+            "state_dict full Fisher", full, n, like), "full_inverse": None,
+            "full_updates": as_int("state_dict full_updates", extra.get("full_updates"), 0)}
+        inv = extra.get("full_inverse")
+        if inv is not None:
+            if not (isinstance(inv, list | tuple) and len(inv) == 3):
+                raise ValueError("state_dict full_inverse must be (source, damping, step)")
+            src = self._dense("state_dict full_inverse source", inv[0], n, like)
+            damping = check_damping(inv[1])
+            e, U = eigh(src)
+            out["full_inverse"] = FullFisherInverse(
+                e, U, src, damping, as_int("state_dict full_inverse step", inv[2], 0))
+        return out
+
     def _load_extra_state(self, extra: dict) -> None:
-        if extra.get("block_diagonal", self.block_diagonal) != self.block_diagonal:
-            raise ValueError("state_dict block_diagonal setting differs from this ExactNG")
         if self.block_diagonal:
             return
-        n = max(hi for _, hi in self._offsets.values())
-        if extra["full"] is not None and tuple(extra["full"].shape) != (n, n):
-            raise ValueError(f"state_dict full Fisher is {tuple(extra['full'].shape)}, this"
-                             f" model needs ({n}, {n})")
         self._full, self._full_updates = extra["full"], extra["full_updates"]
-        self._full_inverse = None
-        if extra["full_inverse"] is not None:
-            src, damping, step = extra["full_inverse"]
-            e, U = eigh(src)
-            self._full_inverse = FullFisherInverse(e, U, src, damping, step)
+        self._full_inverse = inv = extra["full_inverse"]
+        if inv is not None:
             for s in self.layers.values():
-                s.inverse, s.inverse_source, s.inverse_damping = self._full_inverse, src, damping
+                s.inverse, s.inverse_source, s.inverse_damping = inv, inv.source, inv.damping

@@ -6,9 +6,12 @@ from torch import Tensor, nn
 
 from ..curvature import KroneckerEstimator
 from ..curvature.estimator import CurvatureSolveError, SolverFallback
+from ..curvature.methods import method_rank
 from ..linalg import SCHEMES, KroneckerFactorization, KroneckerSum, SingularFactorError
-from ._checks import typed_curvature
+from ._checks import grad_matrix_shape, typed_curvature
 from .base import LayerState, Preconditioner
+from .casting import curvature_dtype
+from .state import state_kind
 from .warning_log import WarningLog
 
 __all__ = ["KroneckerPreconditioner", "KFAC", "KPSVD", "Deflation", "KFACCorrected", "Lanczos"]
@@ -146,19 +149,21 @@ class KroneckerPreconditioner(Preconditioner):
             raise RuntimeError(f"layer {state.name!r} has no curvature to factorise yet")
         self._factorize(state, curvature, self.damping)
 
-    def _factorize(self, state: LayerState, source: KroneckerSum, damping: float) -> None:
+    def _factorize(self, state: LayerState, source: KroneckerSum, damping: float,
+                   scheme: str | None = None) -> None:
         """Factorise ``source`` with ``damping`` into ``state.inverse``.
 
         A singular damped matrix is retried with 10× the damping (at least 1e-8), up to
         three times; the factorisation records the damping it was actually built with.
         Retries and clamped two-term eigenvalues are summarised in :attr:`warning_log`
-        (one warning per layer and kind, every occurrence counted).
+        (one warning per layer and kind, every occurrence counted). ``scheme``: the damping
+        scheme (default: this one's).
         """
         lam = damping
         fac: KroneckerFactorization | None = None
         for attempt in range(SINGULAR_RETRIES + 1):
             try:
-                fac = source.factorize(lam, self.damping_scheme, warn=False)
+                fac = source.factorize(lam, scheme or self.damping_scheme, warn=False)
                 break
             except SingularFactorError as e:
                 if attempt == SINGULAR_RETRIES:
@@ -214,13 +219,60 @@ class KroneckerPreconditioner(Preconditioner):
         return None if packed is None else KroneckerSum([tuple(t) for t in packed])
 
     def _extra_state(self) -> dict:
-        return {"method": self.method, "damping_scheme": self.damping_scheme}
+        return {"kind": "kronecker", "method": self.method, "damping_scheme": self.damping_scheme,
+                "rank": self.estimator.rank, "conv_radius": self.estimator.conv_radius}
+
+    def _check_extra_state(self, extra: dict) -> dict:
+        kind = state_kind(extra)
+        if kind != "kronecker":
+            source = "ExactNG" if kind == "exact" else "an unknown kind of preconditioner"
+            raise ValueError(
+                f"state_dict is from {source}, this is {type(self).__name__} (the Kronecker"
+                f" method {self.method!r}): load it into the kind of preconditioner that saved it")
+        if extra.get("method") != self.method:
+            raise ValueError(
+                f"state_dict is from method {extra.get('method')!r}, this is {self.method!r}:"
+                " load it into a preconditioner of that method (the curvature of one method"
+                " is not the curvature of another)")
+        for key, mine in (("rank", self.estimator.rank),
+                          ("conv_radius", self.estimator.conv_radius)):
+            if key in extra and extra[key] != mine:
+                raise ValueError(f"state_dict was made with {key}={extra[key]!r}, this"
+                                 f" {type(self).__name__} has {key}={mine!r}")
+        scheme = extra.get("damping_scheme", self.damping_scheme)
+        if scheme not in SCHEMES:
+            raise ValueError(f"state_dict damping_scheme must be one of {SCHEMES}, got {scheme!r}")
+        return {"damping_scheme": scheme}
+
+    def _check_packed(self, state: LayerState, key: str, packed) -> KroneckerSum:
+        where = f"state_dict layer {state.name!r}: the saved {key}"
+        pairs = isinstance(packed, list | tuple) and all(
+            isinstance(t, list | tuple) and len(t) == 2
+            and all(isinstance(x, Tensor) and x.dtype.is_floating_point and x.ndim == 2
+                    for x in t) for t in packed)
+        if not pairs or not packed:
+            raise ValueError(f"{where} is not a list of (A, G) floating-point matrix pairs"
+                             f" (got {type(packed).__name__}; a state of ExactNG?)")
+        n_terms = method_rank(self.method, self.estimator.rank)
+        if len(packed) != n_terms:
+            rank = f" (rank={self.estimator.rank})" if self.estimator.rank is not None else ""
+            raise ValueError(f"{where} has {len(packed)} Kronecker term(s), this"
+                             f" {type(self).__name__}{rank} keeps {n_terms}")
+        d_g, d_a = grad_matrix_shape(state)
+        for A, G in packed:
+            if tuple(A.shape) != (d_a, d_a) or tuple(G.shape) != (d_g, d_g):
+                raise ValueError(
+                    f"{where} has factors A {tuple(A.shape)}, G {tuple(G.shape)}; this model's"
+                    f" layer needs A ({d_a}, {d_a}), G ({d_g}, {d_g}) (same layer names but"
+                    " other widths?)")
+        dtype, device = curvature_dtype(state)
+        return KroneckerSum([(A.to(device, dtype), G.to(device, dtype)) for A, G in packed])
+
+    def _factorize_loaded(self, state: LayerState, source, damping: float, extra: dict) -> None:
+        self._factorize(state, source, damping, extra["damping_scheme"])
 
     def _load_extra_state(self, extra: dict) -> None:
-        if extra.get("method", self.method) != self.method:
-            raise ValueError(
-                f"state_dict is from method {extra['method']!r}, this is {self.method!r}"
-            )
+        self.damping_scheme = extra["damping_scheme"]
 
 
 class KFAC(KroneckerPreconditioner):

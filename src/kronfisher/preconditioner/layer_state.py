@@ -15,17 +15,24 @@ __all__ = ["Capture", "Factorization", "LayerState"]
 
 @dataclass
 class Capture:
-    """One forward pass's layer inputs recorded inside ``collect()``, and its output grads.
+    """One (a, g) pair recorded inside ``collect()``: a forward's inputs, a backward's grads.
+
+    A second backward through the same forward (``retain_graph=True``) adds another
+    Capture sharing ``a``: each backward is one pass over that forward's examples.
 
     Attributes:
         a: the adapter's input matrix, rows are examples (or positions).
         spatial: the output's spatial size (1, 1 for a linear layer).
         g: the scaled output gradients, None until the backward reaches the layer.
+        during_backward: the forward ran inside a backward (activation checkpointing
+            recomputes it there; without reentrant checkpointing its output never gets a
+            gradient, and such a capture is dropped without a warning).
     """
 
     a: Tensor
     spatial: tuple[int, int] = (1, 1)
     g: Tensor | None = None
+    during_backward: bool = False
 
 
 class Factorization(Protocol):

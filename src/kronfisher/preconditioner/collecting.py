@@ -1,0 +1,177 @@
+"""The curvature batch: ``collect()``, the forward and gradient hooks, and the fold-in.
+
+:class:`CollectMixin` gives :class:`~kronfisher.preconditioner.Preconditioner` its
+:meth:`~CollectMixin.collect` context. The global forward hook (:mod:`.hooks`) calls
+:meth:`CollectMixin._forward_hook` for every module; it records the registered ones while a
+``collect()`` is active and attaches a gradient hook to their outputs. ``step()`` calls
+:meth:`CollectMixin._fold_in_captures`, which hands the batch to the subclass's
+``_update_curvature`` and undoes the update of any layer whose curvature overflowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..linalg import all_finite
+from ._checks import as_int, curvature_finite
+from .batch import take_batch
+from .hooks import inside_backward
+from .layer_state import Capture, LayerState
+
+
+class NonFiniteError(FloatingPointError):
+    """A gradient or statistic contained NaN or Inf (raised when ``nonfinite="raise"``)."""
+
+__all__ = ["CollectMixin"]
+
+
+class CollectMixin:
+    """``collect()`` over the attributes declared below (set by the Preconditioner)."""
+
+    layers: dict[str, LayerState]
+    steps: int
+    cov_update_freq: int
+    _by_module: dict[int, LayerState]
+    _collecting: bool
+    _reduction: str
+    _batch_size: int | None
+    nonfinite: str
+
+    def _check_hooks(self, what: str) -> None:
+        raise NotImplementedError
+
+    def _update_curvature(self, batch: dict[LayerState, tuple[Tensor, Tensor, tuple]]) -> None:
+        """Fold one batch of (a, g, spatial) per layer into the layers' curvature."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def collect(self, reduction: str = "mean", *, force: bool = False,
+                batch_size: int | None = None) -> Iterator[bool]:
+        """Record the curvature batch from the forward and backward passes run inside.
+
+        Every backward that reaches a registered layer's output contributes one (a, g)
+        pair per example of the forward it goes through, and the curvature is the average
+        over all pairs recorded. So several micro-batches (one forward and backward each,
+        gradient accumulation) give the curvature of their concatenation, and several
+        backward calls through one forward (``retain_graph=True``) count that forward's
+        examples once per backward, as if the batch had been repeated with each backward's
+        targets (e.g. several sampled targets per example average their Fishers).
+
+        Args:
+            reduction: how each backward's loss combines per-example losses: "mean"
+                (captured output gradients are multiplied by the batch size) or "sum"
+                (taken as they are).
+            force: record even off the ``cov_update_freq`` schedule.
+            batch_size: with "mean", the examples N of the whole accumulated batch: each
+                backward's loss is Σ_its examples ℓᵢ / N (e.g. ``micro_batch_mean / k``
+                over k equal micro-batches), so the gradients are multiplied by N. Default:
+                each forward's own batch size (each backward's loss is the mean over its
+                forward's examples).
+
+        Yields:
+            Whether this step records (see ``cov_update_freq``).
+
+        Raises:
+            ValueError: unknown ``reduction``, ``batch_size`` not an integer >= 1, or
+                ``batch_size`` with ``reduction="sum"`` (a summed loss needs no scale).
+            RuntimeError: nested ``collect()``, or after :meth:`remove_hooks`.
+        """
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if batch_size is not None:
+            if reduction == "sum":
+                raise ValueError("batch_size applies to reduction='mean' only: with a summed"
+                                 " loss the captured gradients need no scale")
+            batch_size = as_int("batch_size", batch_size)
+        self._check_hooks("collect()")
+        active = force or self.steps % self.cov_update_freq == 0
+        if self._collecting:
+            raise RuntimeError("collect() contexts cannot be nested")
+        self._collecting, self._reduction, self._batch_size = active, reduction, batch_size
+        try:
+            yield active
+        finally:
+            self._collecting = False
+            for s in self.layers.values():
+                # a recomputation inside a backward (activation checkpointing) that got no
+                # gradient was never part of the batch: drop it without a word
+                s.captures = [c for c in s.captures if c.g is not None or not c.during_backward]
+                missing = [c for c in s.captures if c.g is None]
+                if missing:
+                    warnings.warn(
+                        f"layer {s.name!r}: {len(missing)} forward pass(es) inside collect()"
+                        " had no backward inside it; they are dropped from the curvature batch",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                    s.captures = [c for c in s.captures if c.g is not None]
+
+    @property
+    def collecting(self) -> bool:
+        """True inside :meth:`collect` while statistics are recorded."""
+        return self._collecting
+
+    def _forward_hook(self, module: nn.Module, inputs, output) -> None:
+        """Called for every module's forward (a global hook): records registered ones."""
+        if not self._collecting or not torch.is_grad_enabled():
+            return
+        state = self._by_module.get(id(module))
+        if state is None or not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        cap = Capture(a=state.adapter.inputs(module, inputs[0]),
+                      during_backward=inside_backward())
+        state.captures.append(cap)
+        n = self._batch_size or inputs[0].shape[0]
+        scale = float(n) if self._reduction == "mean" else 1.0
+
+        def grad_hook(grad: Tensor) -> None:
+            if not self._collecting:
+                return
+            g = state.adapter.output_grads(module, grad) * scale
+            spatial = state.adapter.spatial_shape(module, grad)
+            if cap.g is None:
+                cap.g, cap.spatial = g, spatial
+            else:  # another backward through the same forward: another pass over it
+                state.captures.append(Capture(a=cap.a, spatial=spatial, g=g))
+
+        output.register_hook(grad_hook)
+
+    def _fold_in_captures(self) -> None:
+        batch = {}
+        for s, b in take_batch(list(self.layers.values())).items():
+            if not (all_finite(b.a) and all_finite(b.g)):
+                self._curvature_rejected(s.name, "non-finite curvature statistics")
+                continue
+            batch[s] = (b.a, b.g, b.spatial)  # the subclass interface's (a, g, spatial)
+        if not batch:
+            return
+        before = {s: (s.curvature, s.updates) for s in batch}
+        self._update_curvature(batch)
+        overflowed = [s for s, (old, _) in before.items()
+                      if s.curvature is not old and not curvature_finite(s.curvature)]
+        for s in overflowed:  # restore every layer before reporting: "raise" stops at the first
+            s.curvature, s.updates = before[s]  # the running average stays as it was
+        for s in overflowed:
+            self._curvature_rejected(
+                s.name, "the curvature built from its statistics is not finite (the"
+                " statistics are finite but the factors overflow their dtype)")
+
+    def _curvature_rejected(self, name: str, why: str, stacklevel: int = 5) -> None:
+        """Drop one layer's curvature update: raise (``nonfinite="raise"``) or warn.
+
+        ``stacklevel`` 5 points the warning at the caller of step(), past its no_grad
+        wrapper.
+        """
+        if self.nonfinite == "raise":
+            raise NonFiniteError(f"layer {name!r}: {why}; curvature update not applied")
+        warnings.warn(
+            f"layer {name!r}: {why}: curvature update skipped for this layer (the running"
+            " average keeps its previous value)",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
