@@ -122,3 +122,11 @@ def check_monte_carlo(samples: torch.Tensor, target: torch.Tensor, *, precision:
     assert se <= precision * float(target.norm()), (se, float(target.norm()))
     assert err <= sigmas * se, (err, se)
     return err / se
+
+
+def fold_in(pc, loss_fn):
+    """One curvature batch: backward inside collect(), then step() folds it in."""
+    with pc.collect():
+        loss_fn().backward()
+    assert pc.step()
+    pc.model.zero_grad(set_to_none=True)

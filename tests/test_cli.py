@@ -13,19 +13,6 @@ from kronfisher.bench.problems import PROBLEMS, build_model
 from kronfisher.cli import build_parser, main
 
 
-@pytest.fixture
-def tiny_curves(monkeypatch):
-    """A few hundred generated CURVES images in place of the cached data sets."""
-    sets = {"train": data.make_curves(160, seed=1), "test": data.make_curves(64, seed=2)}
-
-    def fake_load(name, split="train", **kw):
-        assert name == "curves"
-        return sets[split]
-
-    monkeypatch.setattr(data, "load_dataset", fake_load)
-    return sets
-
-
 def test_help_lists_every_command_and_option(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -4,20 +4,7 @@ import re
 
 import pytest
 
-import kronfisher.data as data
 from kronfisher.cli import main
-
-
-@pytest.fixture
-def tiny_curves(monkeypatch):
-    sets = {"train": data.make_curves(160, seed=1), "test": data.make_curves(64, seed=2)}
-
-    def fake_load(name, split="train", **kw):
-        assert name == "curves"
-        return sets[split]
-
-    monkeypatch.setattr(data, "load_dataset", fake_load)
-    return sets
 
 
 def run(capsys, *args):

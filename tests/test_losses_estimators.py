@@ -10,6 +10,7 @@ from ggn_reference import (
     LIKELIHOODS,
     REDUCTIONS,
     check_monte_carlo,
+    fold_in,
     layer_g,
     layer_ggn,
     some_targets,
@@ -19,12 +20,6 @@ from kronfisher.losses import hessian_sqrt_apply
 
 D = torch.float64
 
-
-def fold_in(pc, loss_fn):
-    with pc.collect():
-        loss_fn().backward()
-    assert pc.step()
-    pc.model.zero_grad(set_to_none=True)
 
 
 def per_example_nll(likelihood, y):

@@ -10,6 +10,7 @@ from ggn_reference import (
     LIKELIHOODS,
     REDUCTIONS,
     check_monte_carlo,
+    fold_in,
     layer_ggn,
     objective,
     some_targets,
@@ -19,13 +20,6 @@ from kronfisher.losses import averaged_elements, objective_scale
 
 D = torch.float64
 
-
-def fold_in(pc, loss_fn):
-    """One curvature batch: backward inside collect(), then step() folds it in."""
-    with pc.collect():
-        loss_fn().backward()
-    assert pc.step()
-    pc.model.zero_grad(set_to_none=True)
 
 
 def kfac_terms(model, x, likelihood, reduction, seed=3):

@@ -8,7 +8,6 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from kronfisher import data
 from kronfisher.bench.adaptive import INITIAL_DAMPING
 from kronfisher.bench.optimizers import make_optimizers
 from kronfisher.bench.problems import (
@@ -21,13 +20,6 @@ from kronfisher.bench.problems import (
 )
 from kronfisher.bench.runner import RunConfig, train
 from kronfisher.optim import AdaptiveNG
-
-
-@pytest.fixture
-def tiny_curves(monkeypatch):
-    sets = {"train": data.make_curves(160, seed=1), "test": data.make_curves(40, seed=2)}
-    monkeypatch.setattr(data, "load_dataset", lambda name, split="train", **kw: sets[split])
-    return sets
 
 
 @pytest.mark.parametrize("problem", sorted(PROBLEMS))
