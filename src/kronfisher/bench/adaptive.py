@@ -22,34 +22,39 @@ each value names its source.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from .problems import SECOND_ORDER, Hyper, base_method
 
-__all__ = ["adaptive_hyper", "INITIAL_DAMPING", "PILOT_CHOICE"]
+__all__ = ["adaptive_hyper", "INITIAL_DAMPING", "PILOT_CHOICE", "PilotChoice"]
 
 INITIAL_DAMPING = 150.0
 """λ₀ on the summed-over-pixels loss (Martens & Grosse 2015; kfac-jax's auto-encoder)."""
 
-PILOT_CHOICE: dict[str, dict] = {
-    # per problem: the step rule and update frequencies the pilots chose
-    "curves": dict(cov_update_freq=5, inv_update_freq=5, damping_update_freq=5,
-                   auto_lr=True, auto_momentum=True, jvp_fraction=1.0,
-                   quad_model="approx"),
-    "mnist": dict(cov_update_freq=5, inv_update_freq=5, damping_update_freq=5,
-                  auto_lr=True, auto_momentum=True, jvp_fraction=1.0,
-                   quad_model="approx"),
-    "faces": dict(cov_update_freq=5, inv_update_freq=5, damping_update_freq=5,
-                  auto_lr=True, auto_momentum=True, jvp_fraction=1.0,
-                   quad_model="approx"),
-}
+@dataclass(frozen=True)
+class PilotChoice:
+    """The step rule and update frequencies the recorded pilots chose (CURVES, seed 0).
+
+    One choice for all three problems: the pilots ran on CURVES only (docs/results.md).
+    """
+
+    cov_update_freq: int = 5
+    inv_update_freq: int = 5
+    damping_update_freq: int = 5
+    auto_lr: bool = True
+    auto_momentum: bool = True
+    jvp_fraction: float = 1.0
+    quad_model: str = "approx"
+
+
+PILOT_CHOICE = PilotChoice()
 
 
 def adaptive_hyper(problem: str, optimizer: str, paper: Hyper) -> Hyper:
     """The ``adaptive`` preset's settings of ``optimizer`` on ``problem``.
 
     Args:
-        problem: "curves", "mnist" or "faces".
+        problem: "curves", "mnist" or "faces" (one :data:`PILOT_CHOICE` serves all three).
         optimizer: a name of ``problems.ALL_OPTIMIZERS``.
         paper: the ``paper`` preset's settings of the same run (the starting point).
 
@@ -60,7 +65,7 @@ def adaptive_hyper(problem: str, optimizer: str, paper: Hyper) -> Hyper:
     """
     if base_method(optimizer) not in SECOND_ORDER:
         return paper
-    choice = PILOT_CHOICE[problem]
+    choice = PILOT_CHOICE
     return replace(
         paper,
         lr=0.1,  # used only when the pilots fix the lr (auto_lr False)
@@ -76,11 +81,11 @@ def adaptive_hyper(problem: str, optimizer: str, paper: Hyper) -> Hyper:
         factor_balance="sqrt_sigma",
         nesterov=False,
         step_rule="adaptive",
-        cov_update_freq=choice["cov_update_freq"],
-        inv_update_freq=choice["inv_update_freq"],
-        damping_update_freq=choice["damping_update_freq"],
-        auto_lr=choice["auto_lr"],
-        auto_momentum=choice["auto_momentum"],
-        jvp_fraction=choice["jvp_fraction"],
-        quad_model=choice["quad_model"],
+        cov_update_freq=choice.cov_update_freq,
+        inv_update_freq=choice.inv_update_freq,
+        damping_update_freq=choice.damping_update_freq,
+        auto_lr=choice.auto_lr,
+        auto_momentum=choice.auto_momentum,
+        jvp_fraction=choice.jvp_fraction,
+        quad_model=choice.quad_model,
     )
