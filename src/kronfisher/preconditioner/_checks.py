@@ -69,10 +69,9 @@ def check_curvature_shape(name: str, curvature, d_g: int, d_a: int) -> None:
 
 
 def grad_matrix_shape(s) -> tuple[int, int]:
-    """(d_g, d_a) of a registered layer's gradient matrix [W b]."""
-    w = s.module.weight
-    bias = getattr(s.module, "bias", None)
-    return w.shape[0], w[0].numel() + (1 if bias is not None else 0)
+    """(d_g, d_a) of a registered layer's gradient matrix [W b] (of the parameters it uses)."""
+    d_g = s.module.weight.shape[0]
+    return d_g, sum(p.numel() for p in s.adapter.params(s.module)) // d_g
 
 
 def typed_curvature(state, kind: type[C], owner: str, kind_name: str) -> C | None:

@@ -6,6 +6,11 @@
 ``collect()`` is active and attaches a gradient hook to their outputs. ``step()`` calls
 :meth:`CollectMixin._fold_in_captures`, which hands the batch to the subclass's
 ``_update_curvature`` and undoes the update of any layer whose curvature overflowed.
+
+An adapter that cannot take a module's input or output gradient (e.g. a Conv2d called on
+an unbatched 3-D input) does not raise inside the hook: the first such error stops the
+recording, and when the ``collect()`` block ends everything it recorded is dropped for
+every layer and the error is raised, naming the layer (:class:`HookError`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from ..layers import UnsupportedLayerError
 from ..linalg import all_finite
 from ._checks import as_int, curvature_finite
 from .batch import take_batch
@@ -27,7 +33,29 @@ from .layer_state import Capture, LayerState
 class NonFiniteError(FloatingPointError):
     """A gradient or statistic contained NaN or Inf (raised when ``nonfinite="raise"``)."""
 
-__all__ = ["CollectMixin"]
+__all__ = ["CollectMixin", "HookError"]
+
+
+class HookError:
+    """The first adapter error inside one ``collect()`` block, raised when the block ends.
+
+    Attributes:
+        layer: the registered layer's name.
+        where: "forward" (its inputs) or "backward" (its output gradients).
+        error: the adapter's exception.
+    """
+
+    def __init__(self, layer: str, where: str, error: Exception) -> None:
+        self.layer, self.where, self.error = layer, where, error
+
+    def raise_it(self) -> None:
+        """Raise it naming the layer: UnsupportedLayerError stays one, others a RuntimeError."""
+        msg = (f"layer {self.layer!r}: cannot record its {self.where} pass inside collect():"
+               f" {self.error}; nothing this collect() recorded is kept, for any layer (the"
+               " curvature is unchanged)")
+        if isinstance(self.error, UnsupportedLayerError):
+            raise UnsupportedLayerError(msg) from self.error
+        raise RuntimeError(msg) from self.error
 
 
 class CollectMixin:
@@ -40,6 +68,7 @@ class CollectMixin:
     _collecting: bool
     _reduction: str
     _batch_size: int | None
+    _hook_error: HookError | None
     nonfinite: str
 
     def _check_hooks(self, what: str) -> None:
@@ -80,6 +109,10 @@ class CollectMixin:
             ValueError: unknown ``reduction``, ``batch_size`` not an integer >= 1, or
                 ``batch_size`` with ``reduction="sum"`` (a summed loss needs no scale).
             RuntimeError: nested ``collect()``, or after :meth:`remove_hooks`.
+            UnsupportedLayerError: at the end of the block, when a registered layer's
+                adapter refused its input or output gradient (e.g. a Conv2d on an unbatched
+                3-D input), naming the layer; everything this block recorded is dropped
+                (another adapter error: RuntimeError, likewise).
         """
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -89,14 +122,20 @@ class CollectMixin:
                                  " loss the captured gradients need no scale")
             batch_size = as_int("batch_size", batch_size)
         self._check_hooks("collect()")
-        active = force or self.steps % self.cov_update_freq == 0
+        active = force or self.collect_due
         if self._collecting:
             raise RuntimeError("collect() contexts cannot be nested")
         self._collecting, self._reduction, self._batch_size = active, reduction, batch_size
+        self._hook_error = None
+        before = {s: len(s.captures) for s in self.layers.values()}
         try:
             yield active
         finally:
             self._collecting = False
+            error, self._hook_error = self._hook_error, None
+            if error is not None:  # drop this block's records, for every layer
+                for s, n in before.items():
+                    del s.captures[n:]
             for s in self.layers.values():
                 # a recomputation inside a backward (activation checkpointing) that got no
                 # gradient was never part of the batch: drop it without a word
@@ -110,30 +149,49 @@ class CollectMixin:
                         stacklevel=3,
                     )
                     s.captures = [c for c in s.captures if c.g is not None]
+        if error is not None:  # only when the block itself raised nothing
+            error.raise_it()
 
     @property
     def collecting(self) -> bool:
         """True inside :meth:`collect` while statistics are recorded."""
         return self._collecting
 
+    @property
+    def collect_due(self) -> bool:
+        """Whether the next :meth:`collect` records (``steps`` a multiple of ``cov_update_freq``).
+
+        Run the curvature pass only then (``if precond.collect_due: with
+        precond.collect(): ...``); ``collect(force=True)`` records regardless.
+        """
+        return self.steps % self.cov_update_freq == 0
+
     def _forward_hook(self, module: nn.Module, inputs, output) -> None:
         """Called for every module's forward (a global hook): records registered ones."""
-        if not self._collecting or not torch.is_grad_enabled():
+        if not self._collecting or self._hook_error is not None or not torch.is_grad_enabled():
             return
         state = self._by_module.get(id(module))
         if state is None or not isinstance(output, Tensor) or not output.requires_grad:
             return
-        cap = Capture(a=state.adapter.inputs(module, inputs[0]),
-                      during_backward=inside_backward())
+        try:
+            a = state.adapter.inputs(module, inputs[0])
+        except Exception as e:  # raised when collect() ends, not inside the model's forward
+            self._hook_error = HookError(state.name, "forward", e)
+            return
+        cap = Capture(a=a, during_backward=inside_backward())
         state.captures.append(cap)
         n = self._batch_size or inputs[0].shape[0]
         scale = float(n) if self._reduction == "mean" else 1.0
 
         def grad_hook(grad: Tensor) -> None:
-            if not self._collecting:
+            if not self._collecting or self._hook_error is not None:
                 return
-            g = state.adapter.output_grads(module, grad) * scale
-            spatial = state.adapter.spatial_shape(module, grad)
+            try:
+                g = state.adapter.output_grads(module, grad) * scale
+                spatial = state.adapter.spatial_shape(module, grad)
+            except Exception as e:  # raised when collect() ends, not inside the backward
+                self._hook_error = HookError(state.name, "backward", e)
+                return
             if cap.g is None:
                 cap.g, cap.spatial = g, spatial
             else:  # another backward through the same forward: another pass over it

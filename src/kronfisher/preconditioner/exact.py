@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -100,16 +101,17 @@ class ExactNG(Preconditioner):
         self,
         model: nn.Module,
         *,
-        damping: float = 1e-3,
+        damping: float | Callable[[int], float] = 1e-3,
         block_diagonal: bool = True,
         ema_decay: float = 0.95,
         cov_update_freq: int = 1,
         inv_update_freq: int = 1,
         kl_clip: float | None = None,
-        lr: float | None = None,
+        lr: float | Callable[[int], float] | torch.optim.Optimizer | None = None,
         max_params: int = 10_000,
         nonfinite: str = "skip",
         kl_clip_mode: str = "lr2",
+        skip_layers: Iterable[str | type[nn.Module]] | None = None,
     ):
         if block_diagonal not in (True, False):
             raise ValueError(f"block_diagonal must be True or False, got {block_diagonal!r}")
@@ -118,7 +120,7 @@ class ExactNG(Preconditioner):
         super().__init__(
             model, damping=damping, ema_decay=ema_decay, cov_update_freq=cov_update_freq,
             inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
-            kl_clip_mode=kl_clip_mode,
+            kl_clip_mode=kl_clip_mode, skip_layers=skip_layers,
         )
         sizes = {n: sum(p.numel() for p in s.adapter.params(s.module))
                  for n, s in self.layers.items()}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
+import torch
 from torch import Tensor, nn
 
 from ..curvature import KroneckerEstimator
@@ -63,12 +66,12 @@ class KroneckerPreconditioner(Preconditioner):
         model: nn.Module,
         *,
         method: str | None = None,
-        damping: float = 1e-3,
+        damping: float | Callable[[int], float] = 1e-3,
         ema_decay: float = 0.95,
         cov_update_freq: int = 1,
         inv_update_freq: int = 1,
         kl_clip: float | None = None,
-        lr: float | None = None,
+        lr: float | Callable[[int], float] | torch.optim.Optimizer | None = None,
         solver: str = "auto",
         rank: int | None = None,
         conv_radius: int | str = 0,
@@ -78,6 +81,7 @@ class KroneckerPreconditioner(Preconditioner):
         nonfinite: str = "skip",
         kl_clip_mode: str = "lr2",
         ema_counter: str = "updates",
+        skip_layers: Iterable[str | type[nn.Module]] | None = None,
     ):
         method = method or self.method
         if damping_scheme not in SCHEMES:
@@ -92,7 +96,7 @@ class KroneckerPreconditioner(Preconditioner):
         super().__init__(
             model, damping=damping, ema_decay=ema_decay, cov_update_freq=cov_update_freq,
             inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
-            kl_clip_mode=kl_clip_mode, ema_counter=ema_counter,
+            kl_clip_mode=kl_clip_mode, ema_counter=ema_counter, skip_layers=skip_layers,
         )
 
     @property
@@ -219,8 +223,12 @@ class KroneckerPreconditioner(Preconditioner):
         return None if packed is None else KroneckerSum([tuple(t) for t in packed])
 
     def _extra_state(self) -> dict:
-        return {"kind": "kronecker", "method": self.method, "damping_scheme": self.damping_scheme,
-                "rank": self.estimator.rank, "conv_radius": self.estimator.conv_radius}
+        extra = {"kind": "kronecker", "method": self.method,
+                 "damping_scheme": self.damping_scheme, "solver": self.estimator.solver,
+                 "rank": self.estimator.rank, "conv_radius": self.estimator.conv_radius}
+        if hasattr(self, "weight_sharing"):  # the method configuration, once it exists
+            extra["weight_sharing"] = self.weight_sharing
+        return extra
 
     def _check_extra_state(self, extra: dict) -> dict:
         kind = state_kind(extra)
@@ -235,7 +243,8 @@ class KroneckerPreconditioner(Preconditioner):
                 " load it into a preconditioner of that method (the curvature of one method"
                 " is not the curvature of another)")
         for key, mine in (("rank", self.estimator.rank),
-                          ("conv_radius", self.estimator.conv_radius)):
+                          ("conv_radius", self.estimator.conv_radius),
+                          ("weight_sharing", getattr(self, "weight_sharing", None))):
             if key in extra and extra[key] != mine:
                 raise ValueError(f"state_dict was made with {key}={extra[key]!r}, this"
                                  f" {type(self).__name__} has {key}={mine!r}")

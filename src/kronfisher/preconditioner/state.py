@@ -11,6 +11,13 @@ constructor's checks), step counts, every layer's curvature (kind, terms, shapes
 finiteness) — and factorises the saved inverses before it changes anything, so a refused
 state leaves the preconditioner exactly as it was. Saved tensors are cast to each layer's
 curvature dtype and device (its module's, float32 for half-precision modules).
+
+Format version: ``state["version"]`` is :data:`STATE_VERSION` (1). A state without the
+key (written before it existed) has the same layout and is read as version 1; a newer
+version is refused with a clear ``ValueError`` (it may hold what this code cannot read).
+Hyper-parameters given as callables (``damping``, ``lr``) or an optimizer (``lr``) are
+code, not state: they are left out of ``"hyper"``, and a preconditioner built with one
+keeps it when it loads a state (the restored :attr:`steps` puts the schedule where it was).
 """
 
 from __future__ import annotations
@@ -24,7 +31,10 @@ from ._checks import as_int, check_damping, checked_options, curvature_finite
 from .layer_state import Factorization, LayerState
 from .written import WrittenGrads
 
-__all__ = ["StateDictMixin", "HYPER", "state_kind"]
+__all__ = ["StateDictMixin", "HYPER", "STATE_VERSION", "state_kind"]
+
+STATE_VERSION = 1
+"""The state_dict format this code writes (and the newest it reads)."""
 
 # the hyper-parameters a state_dict carries (attribute names of the preconditioner)
 HYPER = ("damping", "ema_decay", "cov_update_freq", "inv_update_freq", "kl_clip",
@@ -74,10 +84,17 @@ class StateDictMixin:
     nonfinite: str
     _written: WrittenGrads
 
+    def _scheduled_hyper(self) -> set[str]:
+        """Hyper-parameters given as callables or an optimizer (left out of the state)."""
+        return set()
+
     def state_dict(self) -> dict:
         """Everything needed for a resumed run to produce the same preconditioned gradients.
 
-        Plain Python values and tensors only (``torch.load(..., weights_only=True)`` reads it).
+        Plain Python values and tensors only (``torch.load(..., weights_only=True)`` reads it):
+        ``version`` (:data:`STATE_VERSION`), step counts, the hyper-parameters given as
+        numbers, per-layer curvature and inverse source, and under ``extra`` the method's
+        configuration (Kronecker: method, solver, rank, conv_radius, damping_scheme).
         """
         layers = {}
         for name, s in self.layers.items():
@@ -90,10 +107,12 @@ class StateDictMixin:
                 "inverse_is_curvature": s.inverse_source is s.curvature,
                 "inverse_damping": s.inverse_damping,
             }
+        sched = self._scheduled_hyper()
         return {
+            "version": STATE_VERSION,
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
-            "hyper": {k: getattr(self, k) for k in self._HYPER},
+            "hyper": {k: getattr(self, k) for k in self._HYPER if k not in sched},
             "layers": layers,
             "extra": self._extra_state(),
         }
@@ -103,7 +122,8 @@ class StateDictMixin:
 
         Raises:
             ValueError: the state is not a state_dict of this kind of preconditioner with
-                these settings (another method, ExactNG mode, rank or conv radius), has
+                these settings (another method, ExactNG mode, rank or conv radius), is of a
+                newer format version than :data:`STATE_VERSION`, has
                 missing entries, hyper-parameters the constructor would refuse, other layer
                 names, or a layer whose saved curvature does not fit this model's layer or
                 is not finite. The preconditioner is unchanged then.
@@ -128,6 +148,11 @@ class StateDictMixin:
         if missing:
             raise ValueError(f"state_dict is missing {missing} (not a kronfisher preconditioner"
                              " state_dict?)")
+        version = as_int("state_dict 'version'", state.get("version", 1))
+        if version > STATE_VERSION:
+            raise ValueError(f"state_dict is of format version {version}, newer than this"
+                             f" kronfisher reads ({STATE_VERSION}): load it with the kronfisher"
+                             " version that wrote it, or a newer one")
         if not isinstance(state["extra"], dict):
             raise ValueError("state_dict 'extra' must be a dict")
         extra = self._check_extra_state(state["extra"])
@@ -149,14 +174,18 @@ class StateDictMixin:
         unknown = sorted(set(hyper) - set(self._HYPER))
         if unknown:
             raise ValueError(f"state_dict 'hyper' has unknown entries {unknown}")
-        merged = {k: getattr(self, k) for k in self._HYPER} | hyper
+        sched = self._scheduled_hyper()  # kept as they are; a saved value is only checked
+        merged = {k: getattr(self, k) for k in self._HYPER if k not in sched} | hyper
+        merged.setdefault("damping", 0.0)  # stand-ins where this preconditioner has a schedule
+        if "lr" in sched and merged.get("lr") is None:
+            merged["lr"] = 1.0
         try:
             out: dict[str, object] = {"damping": check_damping(merged["damping"])}
             out |= checked_options(**{k: merged[k] for k in self._HYPER if k != "damping"},
                                    nonfinite=self.nonfinite)
         except ValueError as e:
             raise ValueError(f"state_dict hyper-parameters: {e}") from e
-        return {k: out[k] for k in self._HYPER}
+        return {k: out[k] for k in self._HYPER if k not in sched}
 
     def _check_layer(self, s: LayerState, d, extra: dict) -> LayerLoad:
         where = f"state_dict layer {s.name!r}"
