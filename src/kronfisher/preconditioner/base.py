@@ -197,15 +197,15 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
             NonFiniteError: with ``nonfinite="raise"``, a NaN/Inf gradient or statistic.
         """
         self._check_hooks("step()")
-        sorted_grads = self._check_fresh_grads()
-        fresh = sorted_grads.fresh
-        changed = [n for s in fresh for n in frozen_changed(s)]
+        changed = [n for s in self.layers.values() for n in frozen_changed(s)]
         if changed:
             raise RuntimeError(
                 f"parameter(s) {changed} were frozen or unfrozen (requires_grad) after the"
                 " preconditioner was built: its curvature is of the parameters trainable"
                 " then; build a new preconditioner (frozen parameters are handled at"
                 " construction)")
+        sorted_grads = self._check_fresh_grads()
+        fresh = sorted_grads.fresh
         damping = self.damping  # a schedule is called (and checked) once, here
         lrs = self._current_lrs()
         if not fresh:

@@ -101,12 +101,13 @@ def frozen_changed(state: LayerState) -> list[str]:
     """Names of the layer's weight/bias whose ``requires_grad`` changed since registration.
 
     The layer preconditions ``state.adapter.params(module)``; every other one of its
-    weight and bias was frozen then. Empty when nothing changed.
+    weight and bias was frozen then. Empty when nothing changed, and when neither has a
+    ``.grad`` (a layer frozen whole since, with its gradients cleared, is simply left out).
     """
     used = {id(p) for p in state.adapter.params(state.module)}
-    out = []
-    for pname in ("weight", "bias"):
-        p = getattr(state.module, pname, None)
-        if isinstance(p, Tensor) and p.requires_grad != (id(p) in used):
-            out.append(f"{state.name}.{pname}" if state.name else pname)
-    return out
+    pairs = [(n, p) for n in ("weight", "bias")
+             if isinstance(p := getattr(state.module, n, None), Tensor)]
+    if all(p.grad is None for _, p in pairs):
+        return []
+    return [f"{state.name}.{n}" if state.name else n for n, p in pairs
+            if p.requires_grad != (id(p) in used)]
