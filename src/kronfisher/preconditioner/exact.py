@@ -94,7 +94,9 @@ class ExactNG(Preconditioner):
     ``inv_update_freq`` steps. Refuses models whose registered layers have more than
     ``max_params`` parameters (the dense Fisher has that size squared). float16/bfloat16
     models keep their curvature in float32. With ``damping=0`` a singular block raises
-    :class:`~kronfisher.linalg.SingularFactorError` naming the layer.
+    :class:`~kronfisher.linalg.SingularFactorError` naming the layer. The other arguments
+    are :class:`Preconditioner`'s (callable ``damping``/``lr``, ``lr=optimizer``,
+    ``skip_layers``).
     """
 
     def __init__(
