@@ -33,6 +33,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from ..distributed import make_sync, unwrap_model
 from ..layers import UnsupportedLayerError
 from ._checks import (
     KL_CLIP_MODES,
@@ -86,7 +87,15 @@ class Preconditioner(UncopyableMixin, CollectMixin, StateDictMixin):
             statistics, or curvature factors that overflow, skip that layer's curvature
             update with a warning naming it. "raise": raise :class:`NonFiniteError` instead
             (parameters and curvature untouched either way).
+        process_group: data-parallel training (:mod:`kronfisher.distributed`): None
+            (default) uses the default group when ``torch.distributed`` is initialised
+            (single-process otherwise), "local" stays single-process, or a ProcessGroup or
+            ``DistributedConfig``. A ``DistributedDataParallel`` model is unwrapped (its
+            module's layers are registered, under the module's own names).
     """
+
+    _per_layer_precondition = True  # layers may be preconditioned on different ranks
+    _gathers_statistics = True  # data parallel: the curvature batch is all-gathered
 
     def __init__(
         self,
@@ -101,9 +110,11 @@ class Preconditioner(UncopyableMixin, CollectMixin, StateDictMixin):
         nonfinite: str = "skip",
         kl_clip_mode: str = "lr2",
         ema_counter: str = "updates",
+        process_group: object = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError("model must be a torch.nn.Module")
+        model, ddp_group = unwrap_model(model)
         opts = checked_options(ema_decay=ema_decay, cov_update_freq=cov_update_freq,
                                inv_update_freq=inv_update_freq, kl_clip=kl_clip,
                                kl_clip_mode=kl_clip_mode, lr=lr, nonfinite=nonfinite,
@@ -141,6 +152,10 @@ class Preconditioner(UncopyableMixin, CollectMixin, StateDictMixin):
         self._hooks = ModelHooks(self, self._forward_hook, self._written.accumulated,
                                  [p for s in self.layers.values()
                                   for p in s.adapter.params(s.module)])
+        # the seam to kronfisher.distributed (a no-op LocalSync on one process)
+        self.sync = make_sync(process_group, ddp_group, self.layers,
+                              self._per_layer_precondition,
+                              f"{type(self).__name__}:{getattr(self, 'method', '')}")
 
     def remove_hooks(self) -> None:
         """Detach the hooks from the model; the preconditioner cannot be used after.
@@ -188,54 +203,63 @@ class Preconditioner(UncopyableMixin, CollectMixin, StateDictMixin):
             NonFiniteError: with ``nonfinite="raise"``, a NaN/Inf gradient or statistic.
         """
         self._check_hooks("step()")
-        sorted_grads = self._check_fresh_grads()
-        fresh = sorted_grads.fresh
-        if not fresh:
+        with self.sync.step_guard(self._skip):  # data parallel: the step is collective
+            sorted_grads = self._check_fresh_grads()
+            fresh = sorted_grads.fresh
+            if not fresh:
+                bad = self._nonfinite_grads()
+                if bad:
+                    return self._reject(f"non-finite gradient in parameter(s) {bad}")
+                return self._skip(sorted_grads.nothing_fresh())
+            t0 = time.perf_counter()
+            casted = [s for s in self.layers.values() if follow_module(s)]
+            if casted:
+                self._after_cast(casted)
+            self._fold_in_captures()
+            t1 = time.perf_counter()
+            self.timings["curvature"] += t1 - t0
             bad = self._nonfinite_grads()
+            reason = self.sync.agreed_reason(
+                f"non-finite gradient in parameter(s) {bad}" if bad else None)
+            if reason:
+                return self._reject(reason)
+            grads = {}
+            for s in fresh:
+                G = s.adapter.grad_matrix(s.module)
+                if G is not None:
+                    grads[s.name] = G
+            missing = [n for n in grads if self.layers[n].curvature is None]
+            if missing:
+                raise RuntimeError(
+                    f"no curvature for layer(s) {missing} yet: run a forward and backward inside"
+                    " `with precond.collect():` before the first step (a layer that is never"
+                    " called through its module's forward cannot be preconditioned)"
+                )
+            due = self.steps % self.inv_update_freq == 0
+            t1 = time.perf_counter()
+            for n in grads:
+                s = self.layers[n]
+                if s.inverse is None or due or s.inverse_damping != self.damping:
+                    if self.sync.owns(n):
+                        self._refresh_inverse(s)
+                    else:  # its owner rank factorises it and sends its Δ (share below)
+                        self.sync.mark_remote(s, self.damping)
+            t2 = time.perf_counter()
+            self.timings["inverse"] += t2 - t1
+            out = self._precondition({self.layers[n]: G for n, G in grads.items()
+                                      if self.sync.owns(n)})
+            out = self.sync.share(out, grads, self.layers)
+            bad = nonfinite_names([(s.name, X) for s, X in out.items()])
             if bad:
-                return self._reject(f"non-finite gradient in parameter(s) {bad}")
-            return self._skip(sorted_grads.nothing_fresh())
-        t0 = time.perf_counter()
-        casted = [s for s in self.layers.values() if follow_module(s)]
-        if casted:
-            self._after_cast(casted)
-        self._fold_in_captures()
-        t1 = time.perf_counter()
-        self.timings["curvature"] += t1 - t0
-        bad = self._nonfinite_grads()
-        if bad:
-            return self._reject(f"non-finite gradient in parameter(s) {bad}")
-        grads = {}
-        for s in fresh:
-            G = s.adapter.grad_matrix(s.module)
-            if G is not None:
-                grads[s.name] = G
-        missing = [n for n in grads if self.layers[n].curvature is None]
-        if missing:
-            raise RuntimeError(
-                f"no curvature for layer(s) {missing} yet: run a forward and backward inside"
-                " `with precond.collect():` before the first step (a layer that is never"
-                " called through its module's forward cannot be preconditioned)"
-            )
-        due = self.steps % self.inv_update_freq == 0
-        t1 = time.perf_counter()
-        for n in grads:
-            s = self.layers[n]
-            if s.inverse is None or due or s.inverse_damping != self.damping:
-                self._refresh_inverse(s)
-        t2 = time.perf_counter()
-        self.timings["inverse"] += t2 - t1
-        out = self._precondition({self.layers[n]: G for n, G in grads.items()})
-        bad = nonfinite_names([(s.name, X) for s, X in out.items()])
-        if bad:
-            return self._reject(f"preconditioning produced non-finite values in {bad}")
-        nu = self._kl_scale(out, grads)
-        for s, X in out.items():
-            s.adapter.set_grad_matrix(s.module, X * nu if nu != 1.0 else X)
-        self._written.new_interval(self._tracked_params())
-        self.timings["precondition"] += time.perf_counter() - t2
-        self.steps += 1
-        return True
+                return self._reject(f"preconditioning produced non-finite values in {bad}")
+            nu = self._kl_scale(out, grads)
+            for s, X in out.items():
+                s.adapter.set_grad_matrix(s.module, X * nu if nu != 1.0 else X)
+            self._written.new_interval(self._tracked_params())
+            self.timings["precondition"] += time.perf_counter() - t2
+            self.steps += 1
+            return True
+        return False  # another rank skipped or raised: this step was skipped everywhere
 
     def _nonfinite_grads(self) -> list[str]:
         return nonfinite_names(

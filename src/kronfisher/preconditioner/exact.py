@@ -96,6 +96,11 @@ class ExactNG(Preconditioner):
     :class:`~kronfisher.linalg.SingularFactorError` naming the layer.
     """
 
+    @property
+    def _per_layer_precondition(self) -> bool:  # type: ignore[override]
+        """The full Fisher couples every layer: data parallel, every rank solves it."""
+        return self.block_diagonal
+
     def __init__(
         self,
         model: nn.Module,
@@ -110,6 +115,7 @@ class ExactNG(Preconditioner):
         max_params: int = 10_000,
         nonfinite: str = "skip",
         kl_clip_mode: str = "lr2",
+        process_group: object = None,
     ):
         if block_diagonal not in (True, False):
             raise ValueError(f"block_diagonal must be True or False, got {block_diagonal!r}")
@@ -118,7 +124,7 @@ class ExactNG(Preconditioner):
         super().__init__(
             model, damping=damping, ema_decay=ema_decay, cov_update_freq=cov_update_freq,
             inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
-            kl_clip_mode=kl_clip_mode,
+            kl_clip_mode=kl_clip_mode, process_group=process_group,
         )
         sizes = {n: sum(p.numel() for p in s.adapter.params(s.module))
                  for n, s in self.layers.items()}
