@@ -250,6 +250,19 @@ class DataParallelSync:
         out.info = {"method": "kfac"}
         return out
 
+    def adjust(self, name: str, hook: Callable[[KroneckerSum, Tensor], KroneckerSum],
+               new: KroneckerSum, a: Tensor) -> KroneckerSum:
+        """``hook(new, a_all)`` on every rank, a_all the inputs of the whole batch.
+
+        A subclass's per-estimate adjustment (e.g. the benchmark's KFAC-trace split) may
+        read the inputs; given one rank's shard it would make the replicas diverge. Costs
+        an all-gather of the layer's inputs (m·T·d_a numbers).
+        """
+        info = self.agreement.layers[name] if self.agreement is not None else None
+        if info is None:
+            raise RuntimeError(f"layer {name!r}: adjust() outside an agreed step")
+        return hook(new, torch.cat(self.comm.all_gather_rows(a, info.counts, "gather_inputs")))
+
     def kfac_fallback(self, name: str, estimator, a: Tensor, g: Tensor) -> KroneckerSum:
         """KFAC's factors of the concatenated batch padded with zero terms (every rank alike)."""
         info = self.agreement.layers[name] if self.agreement is not None else None

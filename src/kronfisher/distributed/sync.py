@@ -82,6 +82,11 @@ class LocalSync:
         """The estimator's own KFAC fallback."""
         return estimator.kfac_fallback(a, g)
 
+    def adjust(self, name: str, hook: Callable[[KroneckerSum, Tensor], KroneckerSum],
+               new: KroneckerSum, a: Tensor) -> KroneckerSum:
+        """``hook(new, a)``: a subclass's adjustment of each new estimate, on this batch."""
+        return hook(new, a)
+
     def agreed_reason(self, reason: str | None) -> str | None:
         """This process's reason to skip the step."""
         return reason

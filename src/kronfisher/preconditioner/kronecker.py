@@ -108,7 +108,9 @@ class KroneckerPreconditioner(Preconditioner):
             new = self._estimate(s, a, g, spatial)
             if new is None:  # every solver failed: the previous curvature stays
                 continue
-            new = self._adjust_estimate(new, a)
+            if type(self)._adjust_estimate is not KroneckerPreconditioner._adjust_estimate:
+                # data parallel: applied to the inputs of the whole batch (sync)
+                new = self.sync.adjust(s.name, self._adjust_estimate, new, a)
             s.curvature = self.estimator.average(_kronecker_curvature(s), new, self._decay(s))
             s.updates += 1
 
