@@ -91,8 +91,8 @@ def measure(world: int, steps: int, threads: int) -> list[dict]:
 
 def projection() -> dict:
     """Wire bytes per rank per curvature update (float32), the chosen strategy per layer."""
-    from kronfisher.distributed.cost import CostModel, LayerShape, gather_cost, krylov_cost
     from kronfisher.distributed.comm import wire_bytes
+    from kronfisher.distributed.cost import CostModel, LayerShape, gather_cost, krylov_cost
 
     widths = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
     layers = [(i + 1, o) for i, o in zip(widths[:-1], widths[1:])]  # (d_a with bias, d_g)
