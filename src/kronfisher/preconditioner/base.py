@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from ..distributed import make_sync, unwrap_model
 from ..layers import UnsupportedLayerError
 from ._checks import KL_CLIP_MODES, checked_options, nonfinite_names
 from .casting import follow_module
@@ -105,10 +106,18 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
             classes (instances of them) to leave out: their trainable parameters are listed
             in :attr:`skipped` with the reason "skipped by skip_layers". An unknown name
             raises ``ValueError``.
+        process_group: data-parallel training (:mod:`kronfisher.distributed`): None
+            (default) uses the default group when ``torch.distributed`` is initialised
+            (single-process otherwise), "local" stays single-process, or a ProcessGroup or
+            ``DistributedConfig``. A ``DistributedDataParallel`` model is unwrapped (its
+            module's layers are registered, under the module's own names).
 
     Use as a context manager (``with KPSVD(model) as precond:``) or call :meth:`close` to
     remove the hooks.
     """
+
+    _per_layer_precondition = True  # layers may be preconditioned on different ranks
+    _gathers_statistics = True  # data parallel: the curvature batch is all-gathered
 
     def __init__(
         self,
@@ -124,9 +133,11 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
         kl_clip_mode: str = "lr2",
         ema_counter: str = "updates",
         skip_layers: Iterable[str | type[nn.Module]] | None = None,
+        process_group: object = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError("model must be a torch.nn.Module")
+        model, ddp_group = unwrap_model(model)
         self.steps = 0
         self._damping = scheduled_damping(damping)
         self._lr = scheduled_lr(lr)
@@ -165,6 +176,10 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
         self._hooks = ModelHooks(self, self._forward_hook, self._written.accumulated,
                                  [p for s in self.layers.values()
                                   for p in s.adapter.params(s.module)])
+        # the seam to kronfisher.distributed (a no-op LocalSync on one process)
+        self.sync = make_sync(process_group, ddp_group, self.layers,
+                              self._per_layer_precondition,
+                              f"{type(self).__name__}:{getattr(self, 'method', '')}")
 
     # ------------------------------------------------------------------- step
     @torch.no_grad()
@@ -204,56 +219,65 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
                 " preconditioner was built: its curvature is of the parameters trainable"
                 " then; build a new preconditioner (frozen parameters are handled at"
                 " construction)")
-        sorted_grads = self._check_fresh_grads()
-        fresh = sorted_grads.fresh
-        damping = self.damping  # a schedule is called (and checked) once, here
-        lrs = self._current_lrs()
-        if not fresh:
+        with self.sync.step_guard(self._skip):  # data parallel: the step is collective
+            sorted_grads = self._check_fresh_grads()
+            fresh = sorted_grads.fresh
+            damping = self.damping  # a schedule is called (and checked) once, here
+            lrs = self._current_lrs()
+            if not fresh:
+                bad = self._nonfinite_grads()
+                if bad:
+                    return self._reject(f"non-finite gradient in parameter(s) {bad}")
+                return self._skip(sorted_grads.nothing_fresh())
+            t0 = time.perf_counter()
+            casted = [s for s in self.layers.values() if follow_module(s)]
+            if casted:
+                self._after_cast(casted)
+            self._fold_in_captures()
+            t1 = time.perf_counter()
+            self.timings["curvature"] += t1 - t0
             bad = self._nonfinite_grads()
+            reason = self.sync.agreed_reason(
+                f"non-finite gradient in parameter(s) {bad}" if bad else None)
+            if reason:
+                return self._reject(reason)
+            grads = {}
+            for s in fresh:
+                G = s.adapter.grad_matrix(s.module)
+                if G is not None:
+                    grads[s.name] = G
+            missing = [n for n in grads if self.layers[n].curvature is None]
+            if missing:
+                raise RuntimeError(
+                    f"no curvature for layer(s) {missing} yet: run a forward and backward inside"
+                    " `with precond.collect():` before the first step (a layer that is never"
+                    " called through its module's forward cannot be preconditioned)"
+                )
+            due = self.steps % self.inv_update_freq == 0
+            t1 = time.perf_counter()
+            for n in grads:
+                s = self.layers[n]
+                if s.inverse is None or due or s.inverse_damping != damping:
+                    if self.sync.owns(n):
+                        self._refresh_inverse(s)
+                    else:  # its owner rank factorises it and sends its Δ (share below)
+                        self.sync.mark_remote(s, damping)
+            t2 = time.perf_counter()
+            self.timings["inverse"] += t2 - t1
+            out = self._precondition({self.layers[n]: G for n, G in grads.items()
+                                      if self.sync.owns(n)})
+            out = self.sync.share(out, grads, self.layers)
+            bad = nonfinite_names([(s.name, X) for s, X in out.items()])
             if bad:
-                return self._reject(f"non-finite gradient in parameter(s) {bad}")
-            return self._skip(sorted_grads.nothing_fresh())
-        t0 = time.perf_counter()
-        casted = [s for s in self.layers.values() if follow_module(s)]
-        if casted:
-            self._after_cast(casted)
-        self._fold_in_captures()
-        t1 = time.perf_counter()
-        self.timings["curvature"] += t1 - t0
-        bad = self._nonfinite_grads()
-        if bad:
-            return self._reject(f"non-finite gradient in parameter(s) {bad}")
-        grads = {}
-        for s in fresh:
-            G = s.adapter.grad_matrix(s.module)
-            if G is not None:
-                grads[s.name] = G
-        missing = [n for n in grads if self.layers[n].curvature is None]
-        if missing:
-            raise RuntimeError(
-                f"no curvature for layer(s) {missing} yet: run a forward and backward inside"
-                " `with precond.collect():` before the first step (a layer that is never"
-                " called through its module's forward cannot be preconditioned)"
-            )
-        due = self.steps % self.inv_update_freq == 0
-        t1 = time.perf_counter()
-        for n in grads:
-            s = self.layers[n]
-            if s.inverse is None or due or s.inverse_damping != damping:
-                self._refresh_inverse(s)
-        t2 = time.perf_counter()
-        self.timings["inverse"] += t2 - t1
-        out = self._precondition({self.layers[n]: G for n, G in grads.items()})
-        bad = nonfinite_names([(s.name, X) for s, X in out.items()])
-        if bad:
-            return self._reject(f"preconditioning produced non-finite values in {bad}")
-        nu = self._kl_scale(out, grads, lrs)
-        for s, X in out.items():
-            s.adapter.set_grad_matrix(s.module, X * nu if nu != 1.0 else X)
-        self._written.new_interval(self._tracked_params())
-        self.timings["precondition"] += time.perf_counter() - t2
-        self.steps += 1
-        return True
+                return self._reject(f"preconditioning produced non-finite values in {bad}")
+            nu = self._kl_scale(out, grads, lrs)
+            for s, X in out.items():
+                s.adapter.set_grad_matrix(s.module, X * nu if nu != 1.0 else X)
+            self._written.new_interval(self._tracked_params())
+            self.timings["precondition"] += time.perf_counter() - t2
+            self.steps += 1
+            return True
+        return False  # another rank skipped or raised: this step was skipped everywhere
 
     def _nonfinite_grads(self) -> list[str]:
         return nonfinite_names(

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from ..distributed import DataParallelSync, LocalSync
 from ..layers import UnsupportedLayerError
 from ..linalg import all_finite
 from ._checks import as_int, curvature_finite
@@ -70,6 +71,11 @@ class CollectMixin:
     _batch_size: int | None
     _hook_error: HookError | None
     nonfinite: str
+    sync: LocalSync | DataParallelSync
+    _gathers_statistics: bool
+
+    def _nonfinite_grads(self) -> list[str]:
+        raise NotImplementedError
 
     def _check_hooks(self, what: str) -> None:
         raise NotImplementedError
@@ -206,6 +212,8 @@ class CollectMixin:
                 self._curvature_rejected(s.name, "non-finite curvature statistics")
                 continue
             batch[s] = (b.a, b.g, b.spatial)  # the subclass interface's (a, g, spatial)
+        # data parallel: the ranks agree on the step (and gather the batch if asked to)
+        batch = self.sync.reduce_batch(batch, self._nonfinite_grads, self._gathers_statistics)
         if not batch:
             return
         before = {s: (s.curvature, s.updates) for s in batch}

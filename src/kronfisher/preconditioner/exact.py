@@ -99,6 +99,11 @@ class ExactNG(Preconditioner):
     ``skip_layers``).
     """
 
+    @property
+    def _per_layer_precondition(self) -> bool:  # type: ignore[override]
+        """The full Fisher couples every layer: data parallel, every rank solves it."""
+        return self.block_diagonal
+
     def __init__(
         self,
         model: nn.Module,
@@ -114,6 +119,7 @@ class ExactNG(Preconditioner):
         nonfinite: str = "skip",
         kl_clip_mode: str = "lr2",
         skip_layers: Iterable[str | type[nn.Module]] | None = None,
+        process_group: object = None,
     ):
         if block_diagonal not in (True, False):
             raise ValueError(f"block_diagonal must be True or False, got {block_diagonal!r}")
@@ -123,6 +129,7 @@ class ExactNG(Preconditioner):
             model, damping=damping, ema_decay=ema_decay, cov_update_freq=cov_update_freq,
             inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
             kl_clip_mode=kl_clip_mode, skip_layers=skip_layers,
+            process_group=process_group,
         )
         sizes = {n: sum(p.numel() for p in s.adapter.params(s.module))
                  for n, s in self.layers.items()}

@@ -50,6 +50,7 @@ class KroneckerPreconditioner(Preconditioner):
             1 + |s_g||s_a| for two terms). See :class:`~kronfisher.KroneckerSum`.
         kl_clip_mode: "lr2" or "authors" (see :class:`Preconditioner`).
         ema_counter: "updates" or "steps" (see :class:`Preconditioner`).
+        process_group: data-parallel training (see :class:`Preconditioner`).
         tol, max_iter: solver tolerance (relative) and iteration cap.
 
     Repeated conditions warn once per layer and kind and are counted in
@@ -60,6 +61,7 @@ class KroneckerPreconditioner(Preconditioner):
     """
 
     method: str = ""
+    _gathers_statistics = False  # data parallel: each layer's estimate is reduced (sync)
 
     def __init__(
         self,
@@ -82,6 +84,7 @@ class KroneckerPreconditioner(Preconditioner):
         kl_clip_mode: str = "lr2",
         ema_counter: str = "updates",
         skip_layers: Iterable[str | type[nn.Module]] | None = None,
+        process_group: object = None,
     ):
         method = method or self.method
         if damping_scheme not in SCHEMES:
@@ -97,6 +100,7 @@ class KroneckerPreconditioner(Preconditioner):
             model, damping=damping, ema_decay=ema_decay, cov_update_freq=cov_update_freq,
             inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
             kl_clip_mode=kl_clip_mode, ema_counter=ema_counter, skip_layers=skip_layers,
+            process_group=process_group,
         )
 
     @property
@@ -109,7 +113,9 @@ class KroneckerPreconditioner(Preconditioner):
             new = self._estimate(s, a, g, spatial)
             if new is None:  # every solver failed: the previous curvature stays
                 continue
-            new = self._adjust_estimate(new, a)
+            if type(self)._adjust_estimate is not KroneckerPreconditioner._adjust_estimate:
+                # data parallel: applied to the inputs of the whole batch (sync)
+                new = self.sync.adjust(s.name, self._adjust_estimate, new, a)
             s.curvature = self.estimator.average(_kronecker_curvature(s), new, self._decay(s))
             s.updates += 1
 
@@ -128,7 +134,7 @@ class KroneckerPreconditioner(Preconditioner):
         """
         old = _kronecker_curvature(s)
         try:
-            new = self.estimator.estimate(a, g, spatial, old)
+            new = self.sync.estimate(s.name, self.estimator, a, g, spatial, old)
         except CurvatureSolveError as e:
             if old is not None:
                 self.warning_log.report(
@@ -138,7 +144,7 @@ class KroneckerPreconditioner(Preconditioner):
             self.warning_log.report(
                 s.name, "curvature_kept", f"layer {s.name!r}: {e}; no previous curvature, so"
                 " the layer uses KFAC's factors for this batch", stacklevel=6)
-            return self.estimator.kfac_fallback(a, g)
+            return self.sync.kfac_fallback(s.name, self.estimator, a, g)
         fallback = new.info.get("fallback")
         if isinstance(fallback, SolverFallback):
             self.warning_log.report(
