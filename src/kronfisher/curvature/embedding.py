@@ -80,7 +80,9 @@ def approximate_embedding(
             "gram", "power" or "lanczos" (ignored by "kfac").
         rank: number of terms for "kpsvd" (default 1).
         init: the previous approximation, to warm-start power/Lanczos.
-        tol, max_iter: passed to the iterative solvers.
+        tol: relative residual tolerance of the iterative solvers (default 1e-10 for
+            float64 gradients, 1e-6 otherwise).
+        max_iter: iteration cap of the iterative solvers.
         padding_idx: positions holding it are dropped (its row gets no gradient).
 
     Returns:
