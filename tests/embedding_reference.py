@@ -24,15 +24,28 @@ def token_batch(B: int, S: int, V: int, seed: int = 0, *, absent: int = 2) -> to
     return t
 
 
+class Readout(nn.Module):
+    """A per-position linear read-out that no adapter knows (its parameters are skipped):
+    the preconditioned layer under test is the embedding alone."""
+
+    def __init__(self, d: int, C: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(C, d, dtype=D) / d**0.5)
+        self.bias = nn.Parameter(torch.randn(C, dtype=D) / 4)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight, self.bias)
+
+
 class OneHotModel(nn.Module):
-    """s = one_hot(t) Wᵀ (a Linear on one-hot inputs), then tanh and a Linear head."""
+    """s = one_hot(t) Wᵀ (a Linear on one-hot inputs), then tanh and a read-out."""
 
     def __init__(self, V: int, d: int, C: int, seed: int = 0):
         super().__init__()
         torch.manual_seed(seed)
         self.V = V
         self.lin = nn.Linear(V, d, bias=False).double()
-        self.head = nn.Linear(d, C).double()
+        self.head = Readout(d, C)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.head(torch.tanh(self.lin(F.one_hot(t, self.V).to(D))))
@@ -45,7 +58,7 @@ class EmbeddingModel(nn.Module):
         super().__init__()
         V, d = onehot.lin.in_features, onehot.lin.out_features
         self.emb = nn.Embedding(V, d, padding_idx=padding_idx).double()
-        self.head = nn.Linear(d, onehot.head.out_features).double()
+        self.head = Readout(d, onehot.head.weight.shape[0])
         with torch.no_grad():
             self.emb.weight.copy_(onehot.lin.weight.T)
             self.head.load_state_dict(onehot.head.state_dict())

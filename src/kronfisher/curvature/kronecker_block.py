@@ -15,11 +15,11 @@ from torch import Tensor
 
 from ..layers import LayerStatistics
 from ..linalg import KroneckerFactorization, KroneckerSum, SingularFactorError, all_finite
-from .block import BlockCost, CurvatureBlock
+from .block import BlockCost, CurvatureBlock, Reporter
 from .estimator import CurvatureSolveError, SolverFallback
 from .methods import method_rank
 
-__all__ = ["KroneckerBlock", "SINGULAR_RETRIES", "RETRY_MIN_DAMPING"]
+__all__ = ["KroneckerBlock", "SINGULAR_RETRIES", "RETRY_MIN_DAMPING", "factorize_retrying"]
 
 SINGULAR_RETRIES = 3
 """Retries with 10× the damping after a SingularFactorError (λ, 10λ, 100λ, 1000λ)."""
@@ -100,31 +100,7 @@ class KroneckerBlock(CurvatureBlock):
         source = self.typed(curvature)
         if source is None:
             raise RuntimeError(f"layer {self.name!r} has no curvature to factorise yet")
-        log = self.options.log
-        lam = damping
-        fac: KroneckerFactorization | None = None
-        for attempt in range(SINGULAR_RETRIES + 1):
-            try:
-                fac = source.factorize(lam, scheme, warn=False)
-                break
-            except SingularFactorError as e:
-                if attempt == SINGULAR_RETRIES:
-                    raise SingularFactorError(
-                        f"layer {self.name!r}: cannot factorise the damped curvature even with"
-                        f" damping {lam:g}: {e}"
-                    ) from e
-                lam = max(lam * 10.0, RETRY_MIN_DAMPING)
-                log.report(self.name, "singular_retry",
-                           f"layer {self.name!r}: {e}; retrying with damping {lam:g}",
-                           stacklevel=6)
-        if fac is None:  # the loop either breaks with one or raises
-            raise RuntimeError(f"layer {self.name!r}: no factorisation")
-        if fac.clamped:
-            log.report(self.name, "clamped", f"layer {self.name!r}: the two-term Kronecker"
-                       f" approximation is not positive definite in {fac.clamped} direction(s)"
-                       f" at damping {fac.damping:g}: 1 + s_g s_a raised to the floor there",
-                       stacklevel=6)
-        return fac
+        return factorize_retrying(self.name, source, damping, scheme, self.options.log)
 
     def _factorization(self, inverse: Any) -> KroneckerFactorization:
         if not isinstance(inverse, KroneckerFactorization):
@@ -199,3 +175,42 @@ class KroneckerBlock(CurvatureBlock):
         return BlockCost(update=gram + svd, factorize=k * (d_a**3 + d_g**3),
                          precondition=2 * k * d_g * d_a * (d_a + d_g),
                          memory=k * (d_a * d_a + d_g * d_g))
+
+
+def factorize_retrying(name: str, source: Any, damping: float, scheme: str, log: Reporter
+                       ) -> KroneckerFactorization:
+    """``source.factorize(damping, scheme, warn=False)``, retried on a singular matrix.
+
+    For every curvature whose ``factorize`` returns a :class:`KroneckerFactorization`
+    (a :class:`KroneckerSum`, an embedding's diagonal-A sum). A singular damped matrix is
+    retried with 10× the damping (at least 1e-8), up to three times; the factorisation
+    records the damping it was actually built with. Retries and clamped two-term
+    eigenvalues are reported to ``log`` under layer ``name``.
+
+    Raises:
+        SingularFactorError: still singular after the retries (naming the layer).
+    """
+    lam = damping
+    fac: KroneckerFactorization | None = None
+    for attempt in range(SINGULAR_RETRIES + 1):
+        try:
+            fac = source.factorize(lam, scheme, warn=False)
+            break
+        except SingularFactorError as e:
+            if attempt == SINGULAR_RETRIES:
+                raise SingularFactorError(
+                    f"layer {name!r}: cannot factorise the damped curvature even with"
+                    f" damping {lam:g}: {e}"
+                ) from e
+            lam = max(lam * 10.0, RETRY_MIN_DAMPING)
+            log.report(name, "singular_retry",
+                       f"layer {name!r}: {e}; retrying with damping {lam:g}",
+                       stacklevel=7)
+    if fac is None:  # the loop either breaks with one or raises
+        raise RuntimeError(f"layer {name!r}: no factorisation")
+    if fac.clamped:
+        log.report(name, "clamped", f"layer {name!r}: the two-term Kronecker"
+                   f" approximation is not positive definite in {fac.clamped} direction(s)"
+                   f" at damping {fac.damping:g}: 1 + s_g s_a raised to the floor there",
+                   stacklevel=7)
+    return fac

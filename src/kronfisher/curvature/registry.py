@@ -12,13 +12,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .block import CurvatureBlock
+from .embedding_block import EmbeddingBlock
 from .kronecker_block import KroneckerBlock
 from .methods import METHODS
 
 __all__ = ["DEFAULT_BLOCKS", "register_block", "block_class", "check_overrides"]
 
 DEFAULT_BLOCKS: dict[tuple[str, str], type[CurvatureBlock]] = {
-    (kind, method): KroneckerBlock for kind in ("dense", "conv2d") for method in METHODS
+    **{(kind, method): KroneckerBlock for kind in ("dense", "conv2d") for method in METHODS},
+    **{("embedding", method): EmbeddingBlock for method in METHODS},
 }
 """(layer kind, method) → block class."""
 

@@ -71,6 +71,15 @@ class LayerAdapter:
         """How the T positions of one example pair (one position by default)."""
         return Pairing()
 
+    def per_example_gradients(self, a: Tensor, g: Tensor) -> Tensor:
+        """vec(Σ_t g_t a_tᵀ) for each example, (m, d_a·d_g), column stacking (ExactNG).
+
+        Args:
+            a: the statistics' inputs as :meth:`inputs` returns them (possibly rescaled).
+            g: (m, T, d_g) output gradients.
+        """
+        return torch.einsum("ita,itg->iag", a, g).reshape(a.shape[0], -1)
+
     def params(self) -> list[Tensor]:
         """The weight and (if present) the bias, in gradient-matrix column order."""
         b = _bias(self.module)

@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from ..layers import UnsupportedLayerError
+from ..layers import LayerAdapter, UnsupportedLayerError, check_adapters
 from ._checks import (
     KL_CLIP_MODES,
     check_damping,
@@ -58,9 +59,11 @@ class Preconditioner(UncopyableMixin, CollectMixin, StateDictMixin):
     """Base class of all natural-gradient preconditioners (see module docstring).
 
     Args:
-        model: the network; every ``nn.Linear`` and ``nn.Conv2d`` (exact type, supported
-            configuration) is registered, all other parameters are left untouched and
-            listed in :attr:`skipped` with the reason in :attr:`skip_reasons`.
+        model: the network; every module with an adapter (``nn.Linear``, ``nn.Conv2d``,
+            ``nn.Embedding`` and whatever :func:`kronfisher.register_adapter` added;
+            subclasses that keep the parent's ``forward``) in a supported configuration
+            is registered, all other parameters are left untouched and listed in
+            :attr:`skipped` with the reason in :attr:`skip_reasons`.
         damping: λ added to the curvature (see the method's damping scheme).
         ema_decay: running-average decay ρ; a curvature batch is folded in with decay
             min(1 − 1/k, ρ), k per ``ema_counter``. 0 uses only the latest batch.
@@ -86,6 +89,8 @@ class Preconditioner(UncopyableMixin, CollectMixin, StateDictMixin):
             statistics, or curvature factors that overflow, skip that layer's curvature
             update with a warning naming it. "raise": raise :class:`NonFiniteError` instead
             (parameters and curvature untouched either way).
+        adapters: module type → adapter class for this preconditioner only (wins over the
+            global registry; see :func:`kronfisher.register_adapter`).
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class Preconditioner(UncopyableMixin, CollectMixin, StateDictMixin):
         nonfinite: str = "skip",
         kl_clip_mode: str = "lr2",
         ema_counter: str = "updates",
+        adapters: Mapping[type[nn.Module], type[LayerAdapter]] | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError("model must be a torch.nn.Module")
@@ -122,13 +128,14 @@ class Preconditioner(UncopyableMixin, CollectMixin, StateDictMixin):
         self.skipped_steps = 0
         # wall-clock seconds spent in each phase of step(), accumulated (for benchmarks)
         self.timings = {"curvature": 0.0, "inverse": 0.0, "precondition": 0.0}
-        reg = register_layers(model)
+        reg = register_layers(model, check_adapters(adapters))
         self.layers: dict[str, LayerState] = reg.layers
         self.skipped: list[str] = reg.skipped
         self.skip_reasons: dict[str, str] = reg.skip_reasons
         if not self.layers:
             raise UnsupportedLayerError(
-                "the model has no supported layer (nn.Linear, nn.Conv2d) to precondition"
+                "the model has no supported layer (nn.Linear, nn.Conv2d, nn.Embedding or a"
+                " registered adapter's type) to precondition"
             )
         self._by_module = {id(s.module): s for s in self.layers.values()}
         self._collecting = False

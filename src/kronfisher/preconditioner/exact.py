@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..curvature.estimator import pow2_scale
-from ..layers import LayerStatistics
+from ..layers import LayerAdapter, LayerStatistics
 from ..linalg import SingularFactorError
 from ..linalg.numerics import all_finite, eigh
 from ._checks import as_int, check_damping, grad_matrix_shape, typed_curvature
@@ -59,16 +60,21 @@ def per_example_gradients(a: Tensor, g: Tensor) -> Tensor:
     return torch.einsum("ita,itg->iag", a, g).reshape(a.shape[0], -1)
 
 
-def _scaled_jacobian(a: Tensor, g: Tensor) -> tuple[Tensor, float]:
-    """(J/c, c): per-example gradients divided by a power of two c (exact).
+def _scaled_jacobian(adapter: LayerAdapter, a: Tensor, g: Tensor) -> tuple[Tensor, float]:
+    """(J/c, c): the adapter's per-example gradients divided by a power of two c (exact).
 
     float16 and bfloat16 statistics are promoted to float32 (LAPACK has no half-precision
-    eigh); the scaling keeps JᵀJ from overflowing before it is scaled back by c².
+    eigh); the scaling keeps JᵀJ from overflowing before it is scaled back by c². Integer
+    inputs (an embedding's token ids) are indices, never scaled.
     """
-    if a.dtype in (torch.float16, torch.bfloat16):
-        a, g = a.float(), g.float()
-    sa, sg = pow2_scale(a), pow2_scale(g)
-    return per_example_gradients(a / sa, g / sg), sa * sg
+    low = (torch.float16, torch.bfloat16)
+    if g.dtype in low:
+        g = g.float()
+    if a.dtype in low:
+        a = a.float()
+    sa = pow2_scale(a) if a.is_floating_point() else 1.0
+    sg = pow2_scale(g)
+    return adapter.per_example_gradients(a / sa if sa != 1.0 else a, g / sg), sa * sg
 
 
 def _fisher(Js: list[tuple[Tensor, float]]) -> Tensor:
@@ -97,7 +103,9 @@ class ExactNG(Preconditioner):
     With ``block_diagonal=True`` each layer uses its exact block
     F_l = (1/m) Σᵢ vec(∇_l ℓᵢ) vec(∇_l ℓᵢ)ᵀ; with ``False`` all registered layers share
     the full Fisher, cross-layer blocks included. Per-example gradients come from the
-    same captured (a, g) as the Kronecker methods (exact for Linear and Conv2d). The
+    same captured (a, g) as the Kronecker methods, by each adapter's
+    ``per_example_gradients`` (exact for Linear and Conv2d; for an embedding all its
+    positions are summed per example, so its block is the exact one, not "expand"). The
     update is (F + λI)⁻¹ ∇, via an eigendecomposition refreshed every
     ``inv_update_freq`` steps. Refuses models whose registered layers have more than
     ``max_params`` parameters (the dense Fisher has that size squared). float16/bfloat16
@@ -119,6 +127,7 @@ class ExactNG(Preconditioner):
         max_params: int = 10_000,
         nonfinite: str = "skip",
         kl_clip_mode: str = "lr2",
+        adapters: Mapping[type[nn.Module], type[LayerAdapter]] | None = None,
     ):
         if block_diagonal not in (True, False):
             raise ValueError(f"block_diagonal must be True or False, got {block_diagonal!r}")
@@ -127,7 +136,7 @@ class ExactNG(Preconditioner):
         super().__init__(
             model, damping=damping, ema_decay=ema_decay, cov_update_freq=cov_update_freq,
             inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
-            kl_clip_mode=kl_clip_mode,
+            kl_clip_mode=kl_clip_mode, adapters=adapters,
         )
         sizes = {n: s.adapter.layout.n_params for n, s in self.layers.items()}
         total = sum(sizes.values())
@@ -151,7 +160,7 @@ class ExactNG(Preconditioner):
     def _update_curvature(self, batch: dict[LayerState, LayerStatistics]) -> None:
         if self.block_diagonal:
             for s, stats in batch.items():
-                F = _fisher([_scaled_jacobian(stats.a, stats.g)])
+                F = _fisher([_scaled_jacobian(s.adapter, stats.a, stats.g)])
                 rho = self._decay(s)
                 old = _dense_curvature(s)
                 s.curvature = F if old is None or rho == 0 else rho * old + (1 - rho) * F
@@ -165,7 +174,7 @@ class ExactNG(Preconditioner):
         ms = {stats.m for stats in batch.values()}
         if len(ms) != 1:
             raise RuntimeError("all layers must see the same examples for the full Fisher")
-        F = _fisher([_scaled_jacobian(stats.a, stats.g) for s, stats in
+        F = _fisher([_scaled_jacobian(s.adapter, stats.a, stats.g) for s, stats in
                      sorted(batch.items(), key=lambda kv: self._offsets[kv[0].name][0])])
         if not all_finite(F):
             bad = [n for n, (lo, hi) in self._offsets.items()

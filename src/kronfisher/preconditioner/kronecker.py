@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..curvature import BlockOptions, CurvatureBlock, KroneckerEstimator
 from ..curvature.registry import block_class, check_overrides
-from ..layers import LayerStatistics
+from ..layers import LayerAdapter, LayerStatistics
 from ..linalg import SCHEMES
 from .base import LayerState, Preconditioner
 from .casting import curvature_dtype
@@ -51,6 +51,8 @@ class KroneckerPreconditioner(Preconditioner):
         blocks: overrides of the curvature block per layer name or layer kind (a name
             wins over a kind; the default map is
             :data:`~kronfisher.curvature.DEFAULT_BLOCKS`).
+        adapters: module type → adapter class for this preconditioner only (see
+            :class:`Preconditioner`).
 
     Raises:
         ValueError: bad options, or a layer kind without a block for this method.
@@ -86,6 +88,7 @@ class KroneckerPreconditioner(Preconditioner):
         kl_clip_mode: str = "lr2",
         ema_counter: str = "updates",
         blocks: Mapping[str, type[CurvatureBlock]] | None = None,
+        adapters: Mapping[type[nn.Module], type[LayerAdapter]] | None = None,
     ):
         method = method or self.method
         if damping_scheme not in SCHEMES:
@@ -101,7 +104,7 @@ class KroneckerPreconditioner(Preconditioner):
         super().__init__(
             model, damping=damping, ema_decay=ema_decay, cov_update_freq=cov_update_freq,
             inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
-            kl_clip_mode=kl_clip_mode, ema_counter=ema_counter,
+            kl_clip_mode=kl_clip_mode, ema_counter=ema_counter, adapters=adapters,
         )
         options = BlockOptions(self.estimator, self.warning_log)
         for s in self.layers.values():

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..layers import ADAPTERS, UnsupportedLayerError, adapter_for
+from ..layers import LayerAdapter, UnsupportedLayerError, resolve
 from .layer_state import LayerState
 
-__all__ = ["Registration", "register_layers"]
+__all__ = ["Registration", "register_layers", "MHA_REASON"]
 
 
 @dataclass
@@ -34,25 +35,57 @@ class Registration:
             self.skip_reasons[full] = reason
 
 
-def register_layers(model: nn.Module) -> Registration:
-    """Register every module whose exact type has an adapter in a supported configuration.
+MHA_REASON = (
+    "nn.MultiheadAttention computes its projections inside F.multi_head_attention_forward"
+    " from these parameters directly (not through submodule forwards), so no hook sees the"
+    " projections' inputs and output gradients; not preconditioned")
+
+
+def _mha_submodule_reason(owner: str, sub: str) -> str:
+    return (f"{sub!r} of nn.MultiheadAttention {owner!r}: its weight and bias are passed to"
+            " F.multi_head_attention_forward and its own forward is never called, so no"
+            " statistics would reach it; not preconditioned")
+
+
+def register_layers(model: nn.Module,
+                    adapters: Mapping[type[nn.Module], type[LayerAdapter]] | None = None
+                    ) -> Registration:
+    """Register every module that has an adapter (:func:`~kronfisher.layers.resolve`).
+
+    Args:
+        model: the network.
+        adapters: per-preconditioner overrides, module type → adapter class (they win over
+            the global :data:`~kronfisher.layers.ADAPTERS`).
 
     Every other module with trainable parameters of its own is skipped, with the reason
-    (unsupported configuration, unsupported type, or a subclass of a supported type).
+    (unsupported configuration, unsupported type, a subclass that overrides a supported
+    type's forward, or a part of an ``nn.MultiheadAttention``, whose projections never
+    run through module forwards).
     """
     reg = Registration()
+    inside_mha: dict[int, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for sub_name, sub in module.named_modules():
+                if sub is not module:
+                    inside_mha[id(sub)] = _mha_submodule_reason(
+                        name, f"{name}.{sub_name}" if name else sub_name)
     for name, module in model.named_modules():
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if type(module) in ADAPTERS:
+        if id(module) in inside_mha:
+            reg.skip(name, own, inside_mha[id(module)])
+            continue
+        choice = resolve(module, adapters)
+        if choice.adapter is not None:
             try:
-                adapter = adapter_for(module)  # one adapter object per registered module
+                adapter = choice.adapter(module)  # one adapter object per registered module
             except UnsupportedLayerError as e:
                 reg.skip(name, own, str(e))
                 continue
             reg.layers[name] = LayerState(name, module, adapter)
         elif own:
-            why = f"{type(module).__name__} is not a supported layer type"
-            if isinstance(module, tuple(ADAPTERS)):
-                why += " (subclasses of supported layers are not assumed to behave alike)"
-            reg.skip(name, own, why)
+            why = choice.reason
+            if why is None and isinstance(module, nn.MultiheadAttention):
+                why = MHA_REASON
+            reg.skip(name, own, why or f"{type(module).__name__} is not a supported layer type")
     return reg
