@@ -68,8 +68,8 @@ def test_every_kronecker_layer_gets_a_block_and_overrides_win_by_name_then_kind(
     assert block_class("x", "dense", "kfac", {"x": Marked, "dense": KroneckerBlock}) is Marked
     # the global map is untouched by per-preconditioner overrides
     assert DEFAULT_BLOCKS[("dense", "kpsvd")] is KroneckerBlock
-    with pytest.raises(ValueError, match="no curvature block for layer kind 'embedding'"):
-        block_class("e", "embedding", "kfac")
+    with pytest.raises(ValueError, match="no curvature block for layer kind 'no_such_kind'"):
+        block_class("e", "no_such_kind", "kfac")
     with pytest.raises(TypeError, match="CurvatureBlock subclass"):
         KFAC(model, blocks={"dense": object})
 

@@ -100,9 +100,14 @@ def test_damped_solve_inverts_the_dense_kronecker_sum_matrix(batch, method, sche
     t, g = batch
     c = approximate_embedding(t, g, V, method)
     X = torch.randn(d, V, dtype=D)
+    dense = c.as_kronecker_sum()  # dense V × V factors
     for lam in (1e-3, 0.3):
-        fac = c.factorize(lam, scheme)
-        M = c.as_kronecker_sum().to_dense(lam, scheme)  # dense V × V factors
+        fac = c.factorize(lam, scheme, warn=False)
+        ref = dense.factorize(lam, scheme, warn=False)
+        assert fac.clamped == ref.clamped  # indefinite two-term directions, raised alike
+        M = ref.to_dense()  # the matrix inverted: to_dense(λ) where nothing is clamped
+        if not ref.clamped:
+            assert rel(M, dense.to_dense(lam, scheme)) < 1e-13
         assert rel(fac.to_dense(), M) < 1e-12
         Y = fac.solve(X)
         assert rel(Y, unvec(torch.linalg.solve(M, vec(X)), d, V)) < 1e-11
@@ -201,3 +206,28 @@ def test_matvec_is_the_dense_product(batch):
     dense = KroneckerSum([(torch.diag(a), G) for a, G in c.terms]).to_dense()
     for i in range(2):
         assert rel(c.matvec(X)[i], unvec(dense @ vec(X[i]), d, V)) < 1e-14
+
+
+def test_auto_solver_switches_to_lanczos_for_many_tokens_and_gram_routes_agree(batch,
+                                                                            monkeypatch):
+    import kronfisher.linalg.token_nearest as tn
+    import kronfisher.linalg.token_stats as ts
+
+    t, g = batch
+    ref = approximate_embedding(t, g, V, "kfac_corrected")
+    assert ref.info["solver"] == "gram"
+    monkeypatch.setattr(tn, "GRAM_MAX_PRESENT", 3)  # fewer than the tokens present
+    c = approximate_embedding(t, g, V, "kfac_corrected")
+    assert c.info["solver"] == "lanczos"
+    assert rel(c.to_dense(), ref.to_dense()) < 1e-9
+    monkeypatch.setattr(ts, "GRAM_ROWS_MAX", 0)  # K from token products only
+    c = approximate_embedding(t, g, V, "kfac_corrected", solver="gram")
+    assert rel(c.to_dense(), ref.to_dense()) < 1e-12
+
+
+def test_warm_started_power_iteration_converges_at_once(batch):
+    t, g = batch
+    first = approximate_embedding(t, g, V, "deflation", solver="power")
+    again = approximate_embedding(t, g, V, "deflation", solver="power", init=first)
+    assert again.info["iterations"] < first.info["iterations"]
+    assert rel(again.to_dense(), first.to_dense()) < 1e-9
