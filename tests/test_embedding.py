@@ -237,3 +237,48 @@ def test_state_dict_round_trip_and_curvature_product(data):
     bad["layers"]["emb"]["curvature"] = [(torch.zeros(V + 1, dtype=D), torch.eye(d, dtype=D))] * 2
     with pytest.raises(ValueError, match=r"needs a \(9,\)"):
         kf.Deflation(EmbeddingModel(onehot), damping=LAM).load_state_dict(bad)
+
+
+def test_a_batch_of_padding_only_keeps_the_curvature(data):
+    onehot, t, y = data
+    emb = EmbeddingModel(onehot, padding_idx=0)
+    pc = kf.KFAC(emb, damping=LAM)
+    step_once(emb, pc, t, y)
+    before = pc.curvature(emb.emb)
+    pads = torch.zeros_like(t)
+    emb.zero_grad()
+    with pc.collect():
+        objective(emb(pads), y).backward()
+    with pytest.warns(RuntimeWarning, match="padding tokens only"):
+        assert pc.step()
+    assert pc.curvature(emb.emb) is before
+    assert pc.warning_counts[("emb", "only_padding")] == 1
+
+
+def test_a_lapack_failure_falls_back_to_power_iteration_then_to_kfac(data, monkeypatch):
+    import kronfisher.curvature.embedding_block as eb
+
+    onehot, t, y = data
+    real = eb.approximate_embedding
+    g = per_position_grads(onehot, t, y)
+
+    def failing(*args, solver="auto", **kw):
+        if args[3] != "kfac" and (solver != "power" or fail_power):
+            raise torch.linalg.LinAlgError("simulated: the eigh did not converge")
+        return real(*args, solver=solver, **kw)
+
+    monkeypatch.setattr(eb, "approximate_embedding", failing)
+    fail_power = False
+    emb = EmbeddingModel(onehot)
+    pc = kf.Lanczos(emb, damping=LAM)
+    with pytest.warns(RuntimeWarning, match="used the 'power' solver instead"):
+        step_once(emb, pc, t, y)
+    assert rel(pc.curvature(emb.emb).to_dense(), method_optimum("lanczos", t, g, V)) < 1e-9
+    fail_power = True  # every solver fails, no previous curvature: KFAC's factors
+    emb = EmbeddingModel(onehot)
+    pc = kf.Lanczos(emb, damping=LAM)
+    with pytest.warns(RuntimeWarning, match="uses KFAC's factors"):
+        step_once(emb, pc, t, y)
+    c = pc.curvature(emb.emb)
+    assert len(c) == 2 and float(c.terms[1][0].abs().sum()) == 0.0
+    assert rel(c.to_dense(), method_optimum("kfac", t, g, V)) < 1e-13

@@ -231,3 +231,17 @@ def test_warm_started_power_iteration_converges_at_once(batch):
     again = approximate_embedding(t, g, V, "deflation", solver="power", init=first)
     assert again.info["iterations"] < first.info["iterations"]
     assert rel(again.to_dense(), first.to_dense()) < 1e-9
+
+
+def test_diagnostics_read_the_diagonal_sum_as_its_dense_matrix(batch):
+    from kronfisher.diagnostics import curvature_quadratic_form, top_eigenvalue
+
+    t, g = batch
+    for method in ("kpsvd", "kfac_corrected"):
+        c = approximate_embedding(t, g, V, method)
+        dense = c.to_dense()
+        X = torch.randn(3, d, V, dtype=D)
+        want = torch.stack([vec(x) @ dense @ vec(x) for x in X])
+        assert rel(curvature_quadratic_form(c, X), want) < 1e-13
+        top = float(torch.linalg.eigvalsh(dense).abs().max())
+        assert abs(top_eigenvalue(c, generator=torch.Generator().manual_seed(0)) - top) < 1e-8 * top
