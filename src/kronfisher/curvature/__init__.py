@@ -1,6 +1,7 @@
 """Curvature: the five methods, the per-layer curvature blocks and their registry."""
 
-from .block import BlockCost, BlockOptions, CurvatureBlock
+from .block import WEIGHT_SHARING, BlockCost, BlockOptions, CurvatureBlock
+from .dense_block import DenseKroneckerBlock
 from .estimator import KroneckerEstimator
 from .kronecker_block import KroneckerBlock
 from .methods import METHODS, approximate, method_rank
@@ -8,4 +9,4 @@ from .registry import DEFAULT_BLOCKS, block_class, register_block
 
 __all__ = ["approximate", "METHODS", "method_rank", "KroneckerEstimator", "CurvatureBlock",
            "BlockOptions", "BlockCost", "KroneckerBlock", "DEFAULT_BLOCKS", "block_class",
-           "register_block"]
+           "register_block", "DenseKroneckerBlock", "WEIGHT_SHARING"]

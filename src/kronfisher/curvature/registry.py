@@ -12,13 +12,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .block import CurvatureBlock
+from .dense_block import DenseKroneckerBlock
 from .kronecker_block import KroneckerBlock
 from .methods import METHODS
 
 __all__ = ["DEFAULT_BLOCKS", "register_block", "block_class", "check_overrides"]
 
 DEFAULT_BLOCKS: dict[tuple[str, str], type[CurvatureBlock]] = {
-    (kind, method): KroneckerBlock for kind in ("dense", "conv2d") for method in METHODS
+    **{("dense", method): DenseKroneckerBlock for method in METHODS},
+    **{("conv2d", method): KroneckerBlock for method in METHODS},
 }
 """(layer kind, method) → block class."""
 
