@@ -248,6 +248,19 @@ def test_conv_called_twice_in_one_forward_is_refused_naming_it():
     assert all(not s.captures for s in pc.layers.values())
 
 
+def test_one_parameter_in_two_modules_is_refused_at_construction():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3)).double()
+    model[2].weight = model[0].weight
+    with pytest.raises(UnsupportedLayerError, match=r"\['0.weight', '2.weight'\]"):
+        kf.KPSVD(model)
+    with pytest.raises(UnsupportedLayerError, match="shared by modules"):
+        kf.ExactNG(model)
+    tied = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)).double()
+    tied[1].weight = tied[0].weight  # a tied head: the embedding is not registered
+    with pytest.raises(UnsupportedLayerError, match=r"\['0.weight', '1.weight'\]"):
+        kf.KFAC(tied)
+
+
 def test_weight_sharing_is_checked_and_kept_in_the_state_dict():
     model, _, _, run = shared_problem((3, 2, 3))
     with pytest.raises(ValueError, match="weight_sharing must be one of"):
