@@ -1,6 +1,7 @@
 """Curvature: the five methods, the per-layer curvature blocks and their registry."""
 
-from .block import BlockCost, BlockOptions, CurvatureBlock
+from .block import WEIGHT_SHARING, BlockCost, BlockOptions, CurvatureBlock
+from .dense_block import DenseKroneckerBlock
 from .embedding import approximate_embedding
 from .embedding_block import EmbeddingBlock
 from .estimator import KroneckerEstimator
@@ -10,4 +11,5 @@ from .registry import DEFAULT_BLOCKS, block_class, register_block
 
 __all__ = ["approximate", "METHODS", "method_rank", "KroneckerEstimator", "CurvatureBlock",
            "BlockOptions", "BlockCost", "KroneckerBlock", "DEFAULT_BLOCKS", "block_class",
-           "register_block", "EmbeddingBlock", "approximate_embedding"]
+           "register_block", "DenseKroneckerBlock", "WEIGHT_SHARING", "EmbeddingBlock",
+           "approximate_embedding"]

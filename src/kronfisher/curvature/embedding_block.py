@@ -20,7 +20,7 @@ from ..linalg import all_finite
 from ..linalg.diagonal_kronecker import DiagonalKroneckerSum
 from ..linalg.factorization import KroneckerFactorization
 from .block import BlockCost, BlockOptions, CurvatureBlock
-from .embedding import approximate_embedding, average_embedding
+from .embedding import approximate_embedding, average_embedding, check_embedding_sharing
 from .estimator import LINALG_ERRORS
 from .kronecker_block import factorize_retrying
 from .methods import method_rank
@@ -34,6 +34,8 @@ class EmbeddingBlock(CurvatureBlock):
     Raises:
         TypeError: at construction, an adapter that is not an :class:`EmbeddingAdapter`
             (the block reads its vocabulary size and padding index).
+        ValueError: at construction, ``weight_sharing`` "reduce" or "exact" (with the
+            reason, :data:`~kronfisher.curvature.embedding.SHARING`).
     """
 
     curvature_type: ClassVar[type] = DiagonalKroneckerSum
@@ -43,6 +45,7 @@ class EmbeddingBlock(CurvatureBlock):
         if not isinstance(adapter, EmbeddingAdapter):
             raise TypeError(f"layer {name!r}: EmbeddingBlock needs an EmbeddingAdapter, got"
                             f" {type(adapter).__name__}")
+        check_embedding_sharing(options.weight_sharing)
         super().__init__(name, adapter, options)
         self.embedding = adapter
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .block import CurvatureBlock
+from .dense_block import DenseKroneckerBlock
 from .embedding_block import EmbeddingBlock
 from .kronecker_block import KroneckerBlock
 from .methods import METHODS
@@ -19,7 +20,8 @@ from .methods import METHODS
 __all__ = ["DEFAULT_BLOCKS", "register_block", "block_class", "check_overrides"]
 
 DEFAULT_BLOCKS: dict[tuple[str, str], type[CurvatureBlock]] = {
-    **{(kind, method): KroneckerBlock for kind in ("dense", "conv2d") for method in METHODS},
+    **{("dense", method): DenseKroneckerBlock for method in METHODS},
+    **{("conv2d", method): KroneckerBlock for method in METHODS},
     **{("embedding", method): EmbeddingBlock for method in METHODS},
 }
 """(layer kind, method) → block class."""

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .param_layout import ParamLayout
-from .statistics import Pairing
+from .statistics import LayerStatistics, Pairing
 
 
 class UnsupportedLayerError(ValueError):
@@ -44,6 +44,9 @@ class LayerAdapter:
     """
 
     kind: ClassVar[str] = ""
+    shares_calls: ClassVar[bool] = False
+    """Whether several calls in one forward are positions of the same examples
+    (:meth:`combine_calls`); if not, such a module is refused inside ``collect()``."""
 
     def __init__(self, module: nn.Module) -> None:
         self.check(module)
@@ -79,6 +82,15 @@ class LayerAdapter:
             g: (m, T, d_g) output gradients.
         """
         return torch.einsum("ita,itg->iag", a, g).reshape(a.shape[0], -1)
+
+    def combine_calls(self, calls: list[LayerStatistics]) -> LayerStatistics:
+        """The statistics of several calls in one forward, as positions of each example.
+
+        Raises:
+            ValueError: this kind of layer does not share its weight across calls.
+        """
+        raise ValueError(f"{type(self.module).__name__} was called {len(calls)} times in one"
+                         " forward: weight sharing across calls is handled for nn.Linear only")
 
     def params(self) -> list[Tensor]:
         """The weight and (if present) the bias, in gradient-matrix column order."""

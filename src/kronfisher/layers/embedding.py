@@ -3,7 +3,8 @@
 The statistics' ``a`` are the token ids themselves, (m, T) int64 — the one-hot inputs in
 index form, never expanded — and ``g`` the output gradients (m, T, d) at the T positions
 that share the table (weight sharing, "expand": each position is one token of the
-block, see :mod:`kronfisher.curvature.embedding`). Positions holding ``padding_idx`` are
+block, see :mod:`kronfisher.curvature.embedding`); several calls of one embedding in one
+forward are more positions of the same examples. Positions holding ``padding_idx`` are
 dropped by the curvature (that row gets no gradient from ``nn.Embedding``'s backward, so
 it is no parameter of the Fisher; its preconditioned gradient stays 0).
 """
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from .base import LayerAdapter, UnsupportedLayerError
 from .param_layout import ParamLayout
-from .statistics import Pairing
+from .statistics import LayerStatistics, Pairing
 
 __all__ = ["EmbeddingAdapter"]
 
@@ -35,6 +36,7 @@ class EmbeddingAdapter(LayerAdapter):
     """
 
     kind: ClassVar[str] = "embedding"
+    shares_calls: ClassVar[bool] = True
 
     @classmethod
     def check(cls, module: nn.Module) -> None:
@@ -87,6 +89,22 @@ class EmbeddingAdapter(LayerAdapter):
         """Positions share the table ("shared", (1, T)); one position for (batch,) inputs."""
         T = grad_out[0].numel() // grad_out.shape[-1] if grad_out.shape[0] else 1
         return Pairing("shared", (1, T)) if T > 1 else Pairing()
+
+    def combine_calls(self, calls: list[LayerStatistics]) -> LayerStatistics:
+        """Several calls in one forward as more positions of each example (concatenated).
+
+        Raises:
+            ValueError: the calls saw different numbers of examples.
+        """
+        sizes = sorted({c.m for c in calls})
+        if len(sizes) > 1:
+            raise ValueError(
+                f"nn.Embedding called {len(calls)} times in one forward with batches of"
+                f" {sizes} examples: its calls are positions of the same examples, so they"
+                " must see the same batch")
+        a = torch.cat([c.a for c in calls], 1)
+        g = torch.cat([c.g for c in calls], 1)
+        return LayerStatistics(a, g, Pairing("shared", (1, int(a.shape[1]))))
 
     def per_example_gradients(self, a: Tensor, g: Tensor) -> Tensor:
         """vec(Σ_t g_t e_{token t}ᵀ) per example (m, V·d) by scattering, never one-hot.
