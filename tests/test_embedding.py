@@ -282,3 +282,54 @@ def test_a_lapack_failure_falls_back_to_power_iteration_then_to_kfac(data, monke
     c = pc.curvature(emb.emb)
     assert len(c) == 2 and float(c.terms[1][0].abs().sum()) == 0.0
     assert rel(c.to_dense(), method_optimum("kfac", t, g, V)) < 1e-13
+
+
+@pytest.mark.parametrize("method", sorted(CLASSES))
+def test_the_library_gives_the_one_hot_linear_model_the_same_update(data, method):
+    """The one-hot nn.Linear on (B, S, V) inputs, through the dense block's "expand"."""
+    onehot, t, y = data
+    lin_model, emb = OneHotModel(V, d, C), EmbeddingModel(onehot)
+    lin_model.load_state_dict(onehot.state_dict())
+    pl = CLASSES[method](lin_model, damping=LAM, damping_scheme="factored_pi1")
+    pe = CLASSES[method](emb, damping=LAM, damping_scheme="factored_pi1")
+    assert list(pl.layers) == ["lin"] and list(pe.layers) == ["emb"]
+    _, out = step_once(emb, pe, t, y)
+    lin_model.zero_grad()
+    with pl.collect():
+        objective(lin_model(t), y).backward()
+    with quiet_clamping():
+        assert pl.step()
+    assert rel(pe.curvature(emb.emb).to_dense(), pl.curvature(lin_model.lin).to_dense()) < 1e-9
+    assert rel(out, lin_model.lin.weight.grad) < 1e-8
+
+
+def test_reduce_and_exact_weight_sharing_are_refused_for_embeddings(data):
+    onehot, _, _ = data
+    for mode, why in (("reduce", "is not one-hot"), ("exact", "pairs different tokens")):
+        with pytest.raises(ValueError, match=f"weight_sharing='{mode}' is not supported for"
+                                             f" nn.Embedding: .*{why}"):
+            kf.KFAC(EmbeddingModel(onehot), weight_sharing=mode)
+
+
+def test_two_calls_in_one_forward_are_positions_of_the_same_examples(data):
+    onehot, t, y = data
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = EmbeddingModel(onehot)
+
+        def forward(self, t):  # the table read at two token sequences of each example
+            e = self.inner.emb
+            return self.inner.head(torch.tanh(torch.cat([e(t[:, :2]), e(t[:, 2:])], 1)))
+
+    twice, once = Twice(), EmbeddingModel(onehot)
+    pt, po = kf.KFACCorrected(twice, damping=LAM), kf.KFACCorrected(once, damping=LAM)
+    twice.zero_grad()
+    with pt.collect():
+        objective(twice(t), y).backward()
+    with quiet_clamping():
+        assert pt.step()
+    _, out = step_once(once, po, t, y)
+    assert rel(pt.curvature(twice.inner.emb).to_dense(), po.curvature(once.emb).to_dense()) < 1e-13
+    assert rel(twice.inner.emb.weight.grad.T, out) < 1e-12
