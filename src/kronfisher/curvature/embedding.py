@@ -76,8 +76,9 @@ def approximate_embedding(
         g: (m, d) or (m, T, d) output gradients g = ∂ℓᵢ/∂(output at that position).
         vocab_size: V.
         method: one of :data:`~kronfisher.curvature.METHODS` (see the module table).
-        solver: "auto" (exact Gram eigh for ≤ 4096 distinct tokens, else Lanczos),
-            "gram", "power" or "lanczos" (ignored by "kfac").
+        solver: "auto" (Lanczos), "lanczos", "power" (the paper's algorithm) or "gram"
+            (exact: one eigh of the u × u Gram matrix of the u tokens present); ignored by
+            "kfac".
         rank: number of terms for "kpsvd" (default 1).
         init: the previous approximation, to warm-start power/Lanczos.
         tol: relative residual tolerance of the iterative solvers (default 1e-10 for
