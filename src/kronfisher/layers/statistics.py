@@ -47,6 +47,8 @@ class LayerStatistics:
 
     Attributes:
         a: (m, T, d_a) layer inputs (bias coordinate 1 appended when the layer has a bias).
+            An embedding's are its token ids instead, (m, T) int64 (the one-hot inputs
+            in index form, :mod:`kronfisher.layers.embedding`).
         g: (m, T, d_g) output gradients gᵢ = ∂ℓᵢ/∂s (scaled per ``collect()``'s contract).
         pairing: how the T positions of an example pair.
     """
