@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..curvature.estimator import pow2_scale
+from ..layers import LayerStatistics
 from .comm import Communicator
 
 __all__ = ["Agreement", "LayerAgreement", "CollectiveSkip", "agree", "OK", "SKIP", "ERROR"]
@@ -36,7 +37,7 @@ class LayerAgreement:
 
     Attributes:
         counts: examples per rank, in rank order.
-        spatial: the output grid (the same on every rank).
+        spatial: the statistics' position grid (the same on every rank).
         scales: (sa, sg), the powers of two of the whole batch's statistics.
     """
 
@@ -66,21 +67,22 @@ class Agreement:
 
 
 def _row(status: int, nonfinite: bool, names: list[str],
-         batch: dict[str, tuple[Tensor, Tensor, tuple]]) -> Tensor:
+         batch: dict[str, LayerStatistics]) -> Tensor:
     row = torch.zeros(2 + _PER_LAYER * len(names), dtype=torch.float64)
     row[0], row[1] = status, float(nonfinite)
     for i, n in enumerate(names):
         if n not in batch:
             continue
-        a, g, (h, w) = batch[n]
-        sa, sg = pow2_scale(a), pow2_scale(g)
+        stats = batch[n]
+        a, g, (h, w) = stats.a, stats.g, stats.pairing.grid
+        sa, sg = pow2_scale(a) if a.dtype.is_floating_point else 1.0, pow2_scale(g)
         row[2 + _PER_LAYER * i:2 + _PER_LAYER * (i + 1)] = torch.tensor(
             [1.0, a.shape[0], h, w, math.log2(sa), math.log2(sg)], dtype=torch.float64)
     return row
 
 
 def agree(comm: Communicator, status: int, message: str, nonfinite: bool, names: list[str],
-          batch: dict[str, tuple[Tensor, Tensor, tuple]]) -> Agreement:
+          batch: dict[str, LayerStatistics]) -> Agreement:
     """All-gather every rank's row and decide (the same on every rank).
 
     Args:

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..curvature.estimator import CurvatureSolveError
 from ..curvature.methods import method_rank
+from ..layers import LayerStatistics
 from ..linalg import KroneckerSum
 from .agreement import ERROR, OK, SKIP, Agreement, CollectiveSkip, agree
 from .comm import Communicator
@@ -34,10 +36,9 @@ __all__ = ["DataParallelSync", "layer_dims"]
 
 
 def layer_dims(state) -> tuple[int, int]:
-    """(d_g, d_a) of a registered layer's gradient matrix, from its parameters."""
-    params = state.adapter.params(state.module)
-    w = params[0]
-    return int(w.shape[0]), int(w[0].numel()) + (1 if len(params) > 1 else 0)
+    """(d_g, d_a) of a registered layer's gradient matrix (its adapter's layout)."""
+    d_g, d_a = state.adapter.layout.shape
+    return int(d_g), int(d_a)
 
 
 class _Guard:
@@ -121,30 +122,32 @@ class DataParallelSync:
         return _Guard(self, skip)
 
     def agree(self, status: int, text: str, nonfinite: bool,
-              batch: dict[str, tuple[Tensor, Tensor, tuple]]) -> Agreement:
+              batch: dict[str, LayerStatistics]) -> Agreement:
         """The step's agreement (:func:`.agreement.agree`), remembered for the step."""
         self.agreement = Agreement()  # set first: a CollectiveSkip still marks it taken
         self.agreement = agree(self.comm, status, text, nonfinite, self.names, batch)
         return self.agreement
 
     def reduce_batch(self, batch: dict, nonfinite: Callable[[], list[str]],
-                     gather: bool) -> dict:
-        """Agree on the step; the batch of the layers every rank folds in.
+                     gather: Callable[[Any], bool]) -> dict:
+        """Agree on the step; the batch (layer → LayerStatistics) every rank folds in.
 
-        With ``gather`` each layer's (a, g) become the concatenation over the ranks.
+        For the layers ``gather`` is true of, the statistics' a and g become their
+        concatenation over the ranks (the curvature is then computed alike everywhere).
         """
-        by_name = {s.name: (a, g, sp) for s, (a, g, sp) in batch.items()}
+        by_name = {s.name: stats for s, stats in batch.items()}
         ag = self.agree(OK, "", bool(nonfinite()), by_name)
         warn_dropped(ag.dropped)
         out = {}
-        for s, (a, g, spatial) in batch.items():
+        for s, stats in batch.items():
             info = ag.layers.get(s.name)
             if info is None:
                 continue
-            if gather:
-                a = torch.cat(self.comm.all_gather_rows(a, info.counts, "gather_stats"))
-                g = torch.cat(self.comm.all_gather_rows(g, info.counts, "gather_stats"))
-            out[s] = (a, g, spatial)
+            if gather(s):
+                a = torch.cat(self.comm.all_gather_rows(stats.a, info.counts, "gather_stats"))
+                g = torch.cat(self.comm.all_gather_rows(stats.g, info.counts, "gather_stats"))
+                stats = LayerStatistics(a, g, stats.pairing)
+            out[s] = stats
         return out
 
     def agreed_reason(self, reason: str | None) -> str | None:
@@ -155,11 +158,10 @@ class DataParallelSync:
         return f"non-finite gradient on rank(s) {ranks}" + (f" ({reason})" if reason else "")
 
     # ------------------------------------------------------------------ curvature
-    def _shape(self, name: str, a: Tensor, estimator) -> LayerShape:
+    def _shape(self, name: str, a: Tensor, mask: Tensor | None, estimator) -> LayerShape:
         info = self.agreement.layers[name] if self.agreement is not None else None
         dg, da = self.dims[name]
         T = a.shape[1] if a.ndim == 3 else 1
-        mask = estimator.pair_mask(info.spatial if info else (1, 1), a)
         # None keeps every location pair; a diagonal mask keeps only (t, t)
         flat = T == 1 or (mask is not None
                           and bool(torch.equal(mask, torch.diag(mask.diagonal()))))
@@ -167,18 +169,20 @@ class DataParallelSync:
         return LayerShape(da, dg, m * T, T, flat,
                           method_rank(estimator.method, estimator.rank), a.element_size())
 
-    def strategy(self, name: str, a: Tensor, estimator) -> str:
+    def strategy(self, name: str, a: Tensor, mask: Tensor | None, estimator) -> str:
         """The strategy for this layer and batch: "allreduce" (KFAC), "gather" or "krylov"."""
         if estimator.method == "kfac":
             return "allreduce"
         if self.config.strategy != "auto":
             return self.config.strategy
-        return choose_strategy(self._shape(name, a, estimator), self.world, self.config.cost,
+        return choose_strategy(self._shape(name, a, mask, estimator), self.world, self.config.cost,
                                self.owners is not None)
 
-    def estimate(self, name: str, estimator, a: Tensor, g: Tensor, spatial: tuple,
+    def estimate(self, name: str, estimator, a: Tensor, g: Tensor, mask: Tensor | None,
                  previous: KroneckerSum | None) -> KroneckerSum:
         """This layer's estimate of the concatenated batch, the same on every rank.
+
+        ``mask``: the (T × T) position pairs kept (None: all pairs, or T = 1).
 
         Raises:
             CurvatureSolveError: the solve failed (on every rank alike).
@@ -186,26 +190,25 @@ class DataParallelSync:
         info = self.agreement.layers[name] if self.agreement is not None else None
         if info is None:
             raise RuntimeError(f"layer {name!r}: estimate() outside an agreed step")
-        how = self.strategy(name, a, estimator)
+        how = self.strategy(name, a, mask, estimator)
         self.strategies[name] = how
         if how == "allreduce":
             return self._kfac(estimator, a, g, info.m)
         if how == "krylov":
-            return krylov_estimate(self.comm, estimator, a, g,
-                                   estimator.pair_mask(spatial, a), previous, info.m,
+            return krylov_estimate(self.comm, estimator, a, g, mask, previous, info.m,
                                    info.scales)
         owner = self.owners[name] if self.owners is not None else None
         if owner is None:
             a_all = torch.cat(self.comm.all_gather_rows(a, info.counts, "gather_stats"))
             g_all = torch.cat(self.comm.all_gather_rows(g, info.counts, "gather_stats"))
-            return estimator.estimate(a_all, g_all, spatial, previous)
+            return estimator.estimate_masked(a_all, g_all, mask, previous)
         parts_a = self.comm.gather_rows(a, info.counts, owner, "gather_stats")
         parts_g = self.comm.gather_rows(g, info.counts, owner, "gather_stats")
         result, failure = None, ""
         if parts_a is not None and parts_g is not None:
             try:
-                result = estimator.estimate(torch.cat(parts_a), torch.cat(parts_g), spatial,
-                                            previous)
+                result = estimator.estimate_masked(torch.cat(parts_a), torch.cat(parts_g),
+                                                   mask, previous)
             except CurvatureSolveError as e:
                 failure = str(e)
         return self._broadcast_terms(name, owner, result, failure, estimator, a)

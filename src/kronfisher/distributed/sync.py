@@ -6,8 +6,11 @@ collective (module docstring of :mod:`kronfisher.distributed`). The precondition
 in one ``step()``:
 
 1. ``step_guard(skip)`` around the whole step (a context manager);
-2. ``reduce_batch(...)`` with this rank's curvature batch (the step's agreement);
-3. ``estimate(...)`` / ``kfac_fallback(...)`` per layer (Kronecker methods);
+2. ``reduce_batch(...)`` with this rank's curvature batch, layer → LayerStatistics (the
+   step's agreement; the layers the predicate names are all-gathered);
+3. ``estimate(...)`` / ``kfac_fallback(...)`` per layer, from a Kronecker block's
+   estimate (:class:`~kronfisher.curvature.KroneckerBlock`, given the sync in its
+   ``BlockOptions``);
 4. ``agreed_reason(...)`` where it decides to skip on a non-finite gradient;
 5. ``owns(...)`` / ``mark_remote(...)`` / ``share(...)`` around preconditioning.
 """
@@ -17,14 +20,16 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
+from ..layers import LayerStatistics
 from ..linalg import KroneckerSum
 
 __all__ = ["LocalSync", "RemoteFactorization", "StepGuard"]
 
-Batch = dict  # LayerState → (a, g, spatial)
+Batch = dict[Any, LayerStatistics]  # LayerState → its statistics
 
 
 @dataclass
@@ -69,14 +74,14 @@ class LocalSync:
         return StepGuard()
 
     def reduce_batch(self, batch: Batch, nonfinite: Callable[[], list[str]],
-                     gather: bool) -> Batch:
+                     gather: Callable[[Any], bool]) -> Batch:
         """The batch as it is."""
         return batch
 
-    def estimate(self, name: str, estimator, a: Tensor, g: Tensor, spatial: tuple,
+    def estimate(self, name: str, estimator, a: Tensor, g: Tensor, mask: Tensor | None,
                  previous: KroneckerSum | None) -> KroneckerSum:
-        """The estimator's own estimate of this batch."""
-        return estimator.estimate(a, g, spatial, previous)
+        """The estimator's own estimate of this batch (``mask``: the position pairs kept)."""
+        return estimator.estimate_masked(a, g, mask, previous)
 
     def kfac_fallback(self, name: str, estimator, a: Tensor, g: Tensor) -> KroneckerSum:
         """The estimator's own KFAC fallback."""

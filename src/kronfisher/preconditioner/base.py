@@ -3,7 +3,7 @@
 It knows no specific curvature method: a subclass supplies three operations
 (:meth:`Preconditioner._update_curvature`, :meth:`~Preconditioner._refresh_inverse`,
 :meth:`~Preconditioner._precondition`); :class:`KroneckerPreconditioner` implements them
-with a :class:`~kronfisher.curvature.KroneckerEstimator`.
+by asking each layer's :class:`~kronfisher.curvature.CurvatureBlock`.
 
 Training-loop contract::
 
@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ..distributed import make_sync, unwrap_model
-from ..layers import UnsupportedLayerError
+from ..layers import LayerAdapter, UnsupportedLayerError, check_adapters
 from ._checks import KL_CLIP_MODES, checked_options, nonfinite_names
 from .casting import follow_module
 from .collecting import CollectMixin, HookError, NonFiniteError
@@ -62,8 +62,10 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
     """Base class of all natural-gradient preconditioners (see module docstring).
 
     Args:
-        model: the network; every ``nn.Linear`` and ``nn.Conv2d`` (exact type, supported
-            configuration) is registered, all other trainable parameters are left untouched
+        model: the network; every module with an adapter (``nn.Linear``, ``nn.Conv2d``,
+            ``nn.Embedding`` and whatever :func:`kronfisher.register_adapter` added;
+            subclasses that keep the parent's ``forward``) in a supported configuration
+            is registered, all other trainable parameters are left untouched
             and listed in :attr:`skipped` with the reason in :attr:`skip_reasons` (decided
             here, never inside a hook): ``skip_layers``; a weight computed from other
             parameters (old-API ``weight_norm`` / ``spectral_norm``); a frozen weight with
@@ -111,13 +113,14 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
             (single-process otherwise), "local" stays single-process, or a ProcessGroup or
             ``DistributedConfig``. A ``DistributedDataParallel`` model is unwrapped (its
             module's layers are registered, under the module's own names).
+        adapters: module type → adapter class for this preconditioner only (wins over the
+            global registry; see :func:`kronfisher.register_adapter`).
 
     Use as a context manager (``with KPSVD(model) as precond:``) or call :meth:`close` to
     remove the hooks.
     """
 
     _per_layer_precondition = True  # layers may be preconditioned on different ranks
-    _gathers_statistics = True  # data parallel: the curvature batch is all-gathered
 
     def __init__(
         self,
@@ -134,6 +137,7 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
         ema_counter: str = "updates",
         skip_layers: Iterable[str | type[nn.Module]] | None = None,
         process_group: object = None,
+        adapters: Mapping[type[nn.Module], type[LayerAdapter]] | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError("model must be a torch.nn.Module")
@@ -156,14 +160,15 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
         self.skipped_steps = 0
         # wall-clock seconds spent in each phase of step(), accumulated (for benchmarks)
         self.timings = {"curvature": 0.0, "inverse": 0.0, "precondition": 0.0}
-        reg = register_layers(model, SkipLayers.checked(model, skip_layers))
+        reg = register_layers(model, SkipLayers.checked(model, skip_layers),
+                              check_adapters(adapters))
         self.layers: dict[str, LayerState] = reg.layers
         self.skipped: list[str] = reg.skipped
         self.skip_reasons: dict[str, str] = reg.skip_reasons
         if not self.layers:
             raise UnsupportedLayerError(
-                "the model has no supported layer (nn.Linear, nn.Conv2d) to precondition"
-                f" (skipped: {self.skip_reasons})")
+                "the model has no supported layer (nn.Linear, nn.Conv2d, nn.Embedding or a"
+                f" registered adapter's type) to precondition (skipped: {self.skip_reasons})")
         self._by_module = {id(s.module): s for s in self.layers.values()}
         self._collecting = False
         self._reduction = "mean"
@@ -175,7 +180,8 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
         self._warned_not_fresh: set[str] = set()
         self._hooks = ModelHooks(self, self._forward_hook, self._written.accumulated,
                                  [p for s in self.layers.values()
-                                  for p in s.adapter.params(s.module)])
+                                  for p in s.adapter.params()],
+                                 forward_pre=self._forward_pre_hook)
         # the seam to kronfisher.distributed (a no-op LocalSync on one process)
         self.sync = make_sync(process_group, ddp_group, self.layers,
                               self._per_layer_precondition,
@@ -243,7 +249,7 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
                 return self._reject(reason)
             grads = {}
             for s in fresh:
-                G = s.adapter.grad_matrix(s.module)
+                G = s.adapter.grad_matrix()
                 if G is not None:
                     grads[s.name] = G
             missing = [n for n in grads if self.layers[n].curvature is None]
@@ -272,19 +278,23 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
                 return self._reject(f"preconditioning produced non-finite values in {bad}")
             nu = self._kl_scale(out, grads, lrs)
             for s, X in out.items():
-                s.adapter.set_grad_matrix(s.module, X * nu if nu != 1.0 else X)
+                s.adapter.set_grad_matrix(X * nu if nu != 1.0 else X)
             self._written.new_interval(self._tracked_params())
             self.timings["precondition"] += time.perf_counter() - t2
             self.steps += 1
             return True
         return False  # another rank skipped or raised: this step was skipped everywhere
 
+    def _gathers_statistics(self, state: LayerState) -> bool:
+        """Data parallel: whether the layer's curvature batch is all-gathered (here: all)."""
+        return True
+
     def _nonfinite_grads(self) -> list[str]:
         return nonfinite_names(
             [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None])
 
     def _tracked_params(self) -> list[Tensor]:
-        return [p for s in self.layers.values() for p in s.adapter.params(s.module)]
+        return [p for s in self.layers.values() for p in s.adapter.params()]
 
     def _check_fresh_grads(self) -> GradFreshness:
         """The layers sorted by whether a backward produced their .grad since the last step.

@@ -8,9 +8,10 @@
 ``_update_curvature`` and undoes the update of any layer whose curvature overflowed.
 
 An adapter that cannot take a module's input or output gradient (e.g. a Conv2d called on
-an unbatched 3-D input) does not raise inside the hook: the first such error stops the
-recording, and when the ``collect()`` block ends everything it recorded is dropped for
-every layer and the error is raised, naming the layer (:class:`HookError`).
+an unbatched 3-D input), or a module that cannot be called twice in one forward, does not
+raise inside the hook: the first such error stops the recording, and when the
+``collect()`` block ends everything it recorded is dropped for every layer and the error
+is raised, naming the layer (:class:`~.hook_error.HookError`).
 """
 
 from __future__ import annotations
@@ -23,40 +24,25 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import DataParallelSync, LocalSync
-from ..layers import UnsupportedLayerError
+from ..layers import LayerStatistics, UnsupportedLayerError
 from ..linalg import all_finite
-from ._checks import as_int, curvature_finite
+from ._checks import as_int
 from .batch import take_batch
+from .hook_error import HookError
 from .hooks import inside_backward
 from .layer_state import Capture, LayerState
+
+
+def backward_id() -> int:
+    """An id of the autograd backward pass running now (-1 if it cannot be told)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return -1 if task is None else int(task())
 
 
 class NonFiniteError(FloatingPointError):
     """A gradient or statistic contained NaN or Inf (raised when ``nonfinite="raise"``)."""
 
 __all__ = ["CollectMixin", "HookError"]
-
-
-class HookError:
-    """The first adapter error inside one ``collect()`` block, raised when the block ends.
-
-    Attributes:
-        layer: the registered layer's name.
-        where: "forward" (its inputs) or "backward" (its output gradients).
-        error: the adapter's exception.
-    """
-
-    def __init__(self, layer: str, where: str, error: Exception) -> None:
-        self.layer, self.where, self.error = layer, where, error
-
-    def raise_it(self) -> None:
-        """Raise it naming the layer: UnsupportedLayerError stays one, others a RuntimeError."""
-        msg = (f"layer {self.layer!r}: cannot record its {self.where} pass inside collect():"
-               f" {self.error}; nothing this collect() recorded is kept, for any layer (the"
-               " curvature is unchanged)")
-        if isinstance(self.error, UnsupportedLayerError):
-            raise UnsupportedLayerError(msg) from self.error
-        raise RuntimeError(msg) from self.error
 
 
 class CollectMixin:
@@ -72,16 +58,25 @@ class CollectMixin:
     _hook_error: HookError | None
     nonfinite: str
     sync: LocalSync | DataParallelSync
-    _gathers_statistics: bool
+    model: nn.Module
+    _forward_id: int | None = None  # the model forward running inside collect(), if any
+    _forwards: int = 0
 
     def _nonfinite_grads(self) -> list[str]:
+        raise NotImplementedError
+
+    def _gathers_statistics(self, state: LayerState) -> bool:
         raise NotImplementedError
 
     def _check_hooks(self, what: str) -> None:
         raise NotImplementedError
 
-    def _update_curvature(self, batch: dict[LayerState, tuple[Tensor, Tensor, tuple]]) -> None:
-        """Fold one batch of (a, g, spatial) per layer into the layers' curvature."""
+    def _update_curvature(self, batch: dict[LayerState, LayerStatistics]) -> None:
+        """Fold one batch of statistics per layer into the layers' curvature."""
+        raise NotImplementedError
+
+    def _finite(self, state: LayerState, curvature) -> bool:
+        """Whether ``curvature`` (of ``state``'s kind) is finite; TypeError for another kind."""
         raise NotImplementedError
 
     @contextlib.contextmanager
@@ -117,8 +112,9 @@ class CollectMixin:
             RuntimeError: nested ``collect()``, or after :meth:`remove_hooks`.
             UnsupportedLayerError: at the end of the block, when a registered layer's
                 adapter refused its input or output gradient (e.g. a Conv2d on an unbatched
-                3-D input), naming the layer; everything this block recorded is dropped
-                (another adapter error: RuntimeError, likewise).
+                3-D input), or a layer that does not share its weight across calls was
+                called twice in one forward, naming the layer; everything this block
+                recorded is dropped (another adapter error: RuntimeError, likewise).
         """
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -132,12 +128,14 @@ class CollectMixin:
         if self._collecting:
             raise RuntimeError("collect() contexts cannot be nested")
         self._collecting, self._reduction, self._batch_size = active, reduction, batch_size
+        self._forward_id = None
         self._hook_error = None
         before = {s: len(s.captures) for s in self.layers.values()}
         try:
             yield active
         finally:
             self._collecting = False
+            self._forward_id = None
             error, self._hook_error = self._hook_error, None
             if error is not None:  # drop this block's records, for every layer
                 for s, n in before.items():
@@ -172,36 +170,68 @@ class CollectMixin:
         """
         return self.steps % self.cov_update_freq == 0
 
+    def _forward_pre_hook(self, module: nn.Module, inputs) -> None:
+        """Called before every module's forward (a global hook): numbers the model's forwards.
+
+        The calls of a registered module inside one forward of the model are positions of
+        the same examples (weight sharing), not more examples.
+        """
+        if module is self.model and self._collecting:
+            self._forwards += 1
+            self._forward_id = self._forwards
+
     def _forward_hook(self, module: nn.Module, inputs, output) -> None:
         """Called for every module's forward (a global hook): records registered ones."""
+        try:
+            self._record(module, inputs, output)
+        finally:
+            if module is self.model:
+                self._forward_id = None  # the model's forward ends (after its own record)
+
+    def _record(self, module: nn.Module, inputs, output) -> None:
         if not self._collecting or self._hook_error is not None or not torch.is_grad_enabled():
             return
         state = self._by_module.get(id(module))
         if state is None or not isinstance(output, Tensor) or not output.requires_grad:
             return
+        forward, call = self._forward_id, 0
+        if forward is not None:
+            call = sum(1 for c in state.captures if c.forward == forward and c.backward == -1)
+            if call and not state.adapter.shares_calls:  # the whole block is refused
+                self._hook_error = HookError(state.name, "forward", UnsupportedLayerError(
+                    f"layer {state.name!r} ({type(module).__name__}) is called more than once"
+                    " in one forward of the model; its calls are not separate examples, and"
+                    " weight sharing across calls is handled for nn.Linear only"))
+                return
         try:
-            a = state.adapter.inputs(module, inputs[0])
+            a = state.adapter.inputs(inputs[0])
         except Exception as e:  # raised when collect() ends, not inside the model's forward
             self._hook_error = HookError(state.name, "forward", e)
             return
-        cap = Capture(a=a, during_backward=inside_backward())
+        cap = Capture(a=a, during_backward=inside_backward(), forward=forward, call=call)
         state.captures.append(cap)
         n = self._batch_size or inputs[0].shape[0]
         scale = float(n) if self._reduction == "mean" else 1.0
+
+        passes = [0]  # backwards through this call so far (if the pass has no id)
 
         def grad_hook(grad: Tensor) -> None:
             if not self._collecting or self._hook_error is not None:
                 return
             try:
-                g = state.adapter.output_grads(module, grad) * scale
-                spatial = state.adapter.spatial_shape(module, grad)
+                g = state.adapter.output_grads(grad) * scale
+                pairing = state.adapter.pairing(grad)
             except Exception as e:  # raised when collect() ends, not inside the backward
                 self._hook_error = HookError(state.name, "backward", e)
                 return
+            bid = backward_id()
+            bid, passes[0] = (bid if bid >= 0 else passes[0]), passes[0] + 1
             if cap.g is None:
-                cap.g, cap.spatial = g, spatial
+                cap.g, cap.pairing, cap.backward = g, pairing, bid
             else:  # another backward through the same forward: another pass over it
-                state.captures.append(Capture(a=cap.a, spatial=spatial, g=g))
+                state.captures.append(Capture(a=cap.a, pairing=pairing, g=g,
+                                              forward=cap.forward, call=cap.call,
+                                              backward=bid))
 
         output.register_hook(grad_hook)
 
@@ -211,7 +241,7 @@ class CollectMixin:
             if not (all_finite(b.a) and all_finite(b.g)):
                 self._curvature_rejected(s.name, "non-finite curvature statistics")
                 continue
-            batch[s] = (b.a, b.g, b.spatial)  # the subclass interface's (a, g, spatial)
+            batch[s] = b
         # data parallel: the ranks agree on the step (and gather the batch if asked to)
         batch = self.sync.reduce_batch(batch, self._nonfinite_grads, self._gathers_statistics)
         if not batch:
@@ -219,7 +249,7 @@ class CollectMixin:
         before = {s: (s.curvature, s.updates) for s in batch}
         self._update_curvature(batch)
         overflowed = [s for s, (old, _) in before.items()
-                      if s.curvature is not old and not curvature_finite(s.curvature)]
+                      if s.curvature is not old and not self._finite(s, s.curvature)]
         for s in overflowed:  # restore every layer before reporting: "raise" stops at the first
             s.curvature, s.updates = before[s]  # the running average stays as it was
         for s in overflowed:

@@ -89,7 +89,7 @@ class HyperMixin:
             return kl_clip_factor(dots, self.kl_clip, self.kl_clip_mode, lrs)
         dots = []  # Σ_p lr_p² ⟨Δ_p, ∇_p⟩, each layer split into its parameters
         for s, X in out.items():
-            parts = s.adapter.split_matrix(s.module, X * grads[s.name])
-            for p, part in zip(s.adapter.params(s.module), parts):
+            parts = s.adapter.split_matrix(X * grads[s.name])
+            for p, part in zip(s.adapter.params(), parts):
                 dots.append(part.sum() * lrs.get(id(p), 0.0) ** 2)
         return kl_clip_factor(dots, self.kl_clip, self.kl_clip_mode, 1.0)

@@ -7,17 +7,17 @@ parameters are listed in ``skipped`` with the reason. Nothing is half handled si
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..layers import ADAPTERS, UnsupportedLayerError, adapter_for
+from ..layers import LayerAdapter, UnsupportedLayerError, resolve
 from .frozen import trainable_adapter
 from .layer_state import LayerState
 
-__all__ = ["Registration", "register_layers", "SkipLayers", "SKIPPED_BY_USER",
-           "NON_LEAF_REASON"]
+__all__ = ["Registration", "register_layers", "refuse_shared_parameters", "SkipLayers",
+           "SKIPPED_BY_USER", "NON_LEAF_REASON", "MHA_REASON"]
 
 SKIPPED_BY_USER = "skipped by skip_layers"
 NON_LEAF_REASON = ("its weight or bias is not a leaf nn.Parameter but computed from other"
@@ -100,41 +100,101 @@ class SkipLayers:
 
 
 def _non_leaf(module: nn.Module, adapter) -> bool:
-    return any(not isinstance(p, nn.Parameter) for p in adapter.params(module))
+    return any(not isinstance(p, nn.Parameter) for p in adapter.params())
 
 
-def register_layers(model: nn.Module, skip: SkipLayers | None = None) -> Registration:
-    """Register every module whose exact type has an adapter in a supported configuration.
+MHA_REASON = (
+    "nn.MultiheadAttention computes its projections inside F.multi_head_attention_forward"
+    " from these parameters directly (not through submodule forwards), so no hook sees the"
+    " projections' inputs and output gradients; not preconditioned")
+
+
+def _mha_submodule_reason(owner: str, sub: str) -> str:
+    return (f"{sub!r} of nn.MultiheadAttention {owner!r}: its weight and bias are passed to"
+            " F.multi_head_attention_forward and its own forward is never called, so no"
+            " statistics would reach it; not preconditioned")
+
+
+def register_layers(model: nn.Module, skip: SkipLayers | None = None,
+                    adapters: Mapping[type[nn.Module], type[LayerAdapter]] | None = None
+                    ) -> Registration:
+    """Register every module that has an adapter (:func:`~kronfisher.layers.resolve`).
+
+    Args:
+        model: the network.
+        skip: the modules the user leaves out (``skip_layers``).
+        adapters: per-preconditioner overrides, module type → adapter class (they win over
+            the global :data:`~kronfisher.layers.ADAPTERS`).
 
     Every other module with trainable parameters of its own is skipped, with the reason:
     covered by ``skip`` ("skipped by skip_layers"), unsupported configuration, a weight
     computed from other parameters, a frozen weight with a trainable bias, unsupported
-    type, or a subclass of a supported type. A supported layer with a frozen bias is
-    registered for its weight only (:mod:`.frozen`); a fully frozen one is not registered.
+    type, a subclass that overrides a supported type's forward, or a part of an
+    ``nn.MultiheadAttention``, whose projections never run through module forwards. A
+    supported layer with a frozen bias is registered for its weight only (:mod:`.frozen`);
+    a fully frozen one is not registered.
     """
     skip = skip or SkipLayers()
     reg = Registration()
+    inside_mha: dict[int, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for sub_name, sub in module.named_modules():
+                if sub is not module:
+                    inside_mha[id(sub)] = _mha_submodule_reason(
+                        name, f"{name}.{sub_name}" if name else sub_name)
     for name, module in model.named_modules():
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
         if skip.covers(name, module):
             reg.skip(name, own, SKIPPED_BY_USER)
-        elif type(module) in ADAPTERS:
+            continue
+        if id(module) in inside_mha:
+            reg.skip(name, own, inside_mha[id(module)])
+            continue
+        choice = resolve(module, adapters)
+        if choice.adapter is not None:
             try:
-                adapter = adapter_for(module)
+                adapter = choice.adapter(module)  # one adapter object per registered module
             except UnsupportedLayerError as e:
                 reg.skip(name, own, str(e))
                 continue
             if _non_leaf(module, adapter):
                 reg.skip(name, own, NON_LEAF_REASON)
                 continue
-            part, why = trainable_adapter(module, adapter)
+            part, why = trainable_adapter(adapter)
             if part is not None:
                 reg.layers[name] = LayerState(name, module, part)
             elif why is not None:
                 reg.skip(name, own, why)
         elif own:
-            why = f"{type(module).__name__} is not a supported layer type"
-            if isinstance(module, tuple(ADAPTERS)):
-                why += " (subclasses of supported layers are not assumed to behave alike)"
-            reg.skip(name, own, why)
+            why = choice.reason
+            if why is None and isinstance(module, nn.MultiheadAttention):
+                why = MHA_REASON
+            reg.skip(name, own, why or f"{type(module).__name__} is not a supported layer type")
+    refuse_shared_parameters(model, reg)
     return reg
+
+
+def refuse_shared_parameters(model: nn.Module, reg: Registration) -> None:
+    """Raise if a registered layer's parameter is also held by another module.
+
+    One Parameter in two modules (tied weights) has one ``.grad``, the sum of both uses'
+    gradients: preconditioning it with one layer's curvature (or twice, once per layer,
+    the second write overwriting the first) is not natural gradient of either.
+
+    Raises:
+        UnsupportedLayerError: naming the parameter's modules.
+    """
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
+    for s in reg.layers.values():
+        for p in s.adapter.params():
+            held = owners.get(id(p), [])
+            if len(held) > 1:
+                raise UnsupportedLayerError(
+                    f"one Parameter is shared by modules {held} (tied weights): the"
+                    " preconditioner cannot precondition a parameter that several modules"
+                    " use with one layer's curvature; untie the weights or leave the"
+                    " modules out of the model given to the preconditioner")
