@@ -155,7 +155,7 @@ def top_eigenvalue(curvature: KroneckerSum | Tensor, *, generator: torch.Generat
 
 
 def ggn_quadratic_form(model: nn.Module, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor],
-                       module: nn.Module, adapter: type[LayerAdapter], V: Tensor) -> Tensor:
+                       module: nn.Module, adapter: LayerAdapter, V: Tensor) -> Tensor:
     """vᵀJᵀHJv for each V in (n, d_g, d_a), v supported on ``module``'s parameters.
 
     Args:
@@ -175,7 +175,7 @@ def ggn_quadratic_form(model: nn.Module, inputs: Tensor, loss_fn: Callable[[Tens
         ValueError: ``module``'s parameters are not parameters of ``model``.
     """
     names = {id(p): n for n, p in model.named_parameters()}
-    params = adapter.params(module)
+    params = adapter.params()
     if not all(id(p) in names for p in params):
         raise ValueError(f"{type(module).__name__}'s parameters are not in the model")
     keys = [names[id(p)] for p in params]
@@ -188,7 +188,7 @@ def ggn_quadratic_form(model: nn.Module, inputs: Tensor, loss_fn: Callable[[Tens
     with torch.no_grad():
         for Vi in V:
             tangents = tuple(t.to(p.dtype) for t, p in
-                             zip(adapter.split_matrix(module, Vi), primals))
+                             zip(adapter.split_matrix(Vi), primals))
             forward = jvp(outputs, primals, tangents)  # (outputs, J v)
             y, Jv = forward[0], forward[1]
             HJv = vjp(grad(loss_fn), y)[1](Jv)[0]  # H symmetric: vjp = H (J v)
@@ -225,9 +225,9 @@ def curvature_scale(preconditioner: Preconditioner, model: nn.Module, inputs: Te
         if curvature is None:
             raise ValueError(f"layer {name!r} has no curvature yet: backward a curvature loss"
                              " inside collect() and call step() first")
-        params = s.adapter.params(s.module)
+        params = s.adapter.params()
         w = params[0]
-        shape = (w.shape[0], w[0].numel() + (len(params) - 1))  # (d_g, d_a), bias last
+        shape = s.adapter.layout.shape  # (d_g, d_a) of Θ
         V = random_directions(shape, n_vectors, generator=generator, dtype=w.dtype,
                               device=w.device)
         rows.append(LayerScaleRow(

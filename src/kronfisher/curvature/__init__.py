@@ -1,6 +1,11 @@
-"""Curvature methods: turn a batch of layer statistics into a KroneckerSum."""
+"""Curvature: the five methods, the per-layer curvature blocks and their registry."""
 
+from .block import BlockCost, BlockOptions, CurvatureBlock
 from .estimator import KroneckerEstimator
+from .kronecker_block import KroneckerBlock
 from .methods import METHODS, approximate, method_rank
+from .registry import DEFAULT_BLOCKS, block_class, register_block
 
-__all__ = ["approximate", "METHODS", "method_rank", "KroneckerEstimator"]
+__all__ = ["approximate", "METHODS", "method_rank", "KroneckerEstimator", "CurvatureBlock",
+           "BlockOptions", "BlockCost", "KroneckerBlock", "DEFAULT_BLOCKS", "block_class",
+           "register_block"]

@@ -1,13 +1,22 @@
-"""The adapter contract: how one module type yields (a, g) and exposes its gradient matrix."""
+"""The adapter contract: how one registered module yields statistics and exposes Θ = [W b]."""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from .param_layout import ParamLayout
+from .statistics import Pairing
+
+
+class UnsupportedLayerError(ValueError):
+    """A module (or a module configuration) no adapter can handle correctly."""
+
 
 def _weight(module: nn.Module) -> Tensor:
-    w = module.weight
+    w = getattr(module, "weight", None)
     if not isinstance(w, Tensor):
         raise UnsupportedLayerError(f"{type(module).__name__} has no weight tensor")
     return w
@@ -18,71 +27,76 @@ def _bias(module: nn.Module) -> Tensor | None:
     return b if isinstance(b, Tensor) else None
 
 
-class UnsupportedLayerError(ValueError):
-    """A module (or a module configuration) no adapter can handle correctly."""
-
-
 class LayerAdapter:
-    """Per-module-type glue between hooks and the curvature code (DESIGN.md §2, §6).
+    """Glue between one registered module, its hooks and its curvature block (DESIGN.md §6).
 
-    Statistics are returned as ``a`` (m, T, d_a) and ``g`` (m, T, d_g) with T = 1 for
-    Linear layers; the gradient matrix is [W b] of shape (d_g, d_a).
+    One instance per registered module. It declares the layer's :attr:`kind` (the curvature
+    side picks the block by kind and method, see :mod:`kronfisher.curvature.registry`),
+    turns hook data into statistics ``a`` (m, T, d_a), ``g`` (m, T, d_g) and a
+    :class:`~kronfisher.layers.statistics.Pairing`, and reads and writes the gradient
+    matrix Θ through the layer's :class:`~kronfisher.layers.param_layout.ParamLayout`.
+
+    Args:
+        module: the module.
+
+    Raises:
+        UnsupportedLayerError: the module's configuration is not supported (:meth:`check`).
     """
 
-    @staticmethod
-    def check(module: nn.Module) -> None:
+    kind: ClassVar[str] = ""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.check(module)
+        _weight(module)
+        self.module = module
+
+    @classmethod
+    def check(cls, module: nn.Module) -> None:
         """Raise :class:`UnsupportedLayerError` if the configuration is not supported."""
 
-    @staticmethod
-    def inputs(module: nn.Module, x: Tensor) -> Tensor:
+    @property
+    def layout(self) -> ParamLayout:
+        """The layer's [W b] layout (read from the module's current weight and bias)."""
+        return ParamLayout.of(_weight(self.module), _bias(self.module))
+
+    def inputs(self, x: Tensor) -> Tensor:
         """The layer inputs ``a`` (m, T, d_a) from the module's input ``x``."""
         raise NotImplementedError
 
-    @staticmethod
-    def output_grads(module: nn.Module, grad_out: Tensor) -> Tensor:
+    def output_grads(self, grad_out: Tensor) -> Tensor:
         """The output gradients ``g`` (m, T, d_g) from the gradient of the module's output."""
         raise NotImplementedError
 
-    @staticmethod
-    def spatial_shape(module: nn.Module, grad_out: Tensor) -> tuple[int, int]:
-        """The (height, width) grid of output locations; (1, 1) for non-convolutions."""
-        return (1, 1)
+    def pairing(self, grad_out: Tensor) -> Pairing:
+        """How the T positions of one example pair (one position by default)."""
+        return Pairing()
 
-    @staticmethod
-    def params(module: nn.Module) -> list[Tensor]:
+    def params(self) -> list[Tensor]:
         """The weight and (if present) the bias, in gradient-matrix column order."""
-        b = _bias(module)
-        return [_weight(module)] + ([b] if b is not None else [])
+        b = _bias(self.module)
+        return [_weight(self.module)] + ([b] if b is not None else [])
 
-    @staticmethod
-    def grad_matrix(module: nn.Module) -> Tensor | None:
-        """[∇W ∇b] as (d_g, d_a), or None if the layer has no gradient this step."""
-        w, b = _weight(module), _bias(module)
-        if w.grad is None:
+    def grad_matrix(self) -> Tensor | None:
+        """Θ's gradient as (d_g, d_a), or None if the weight has no gradient this step.
+
+        A bias without a gradient counts as zeros.
+        """
+        ps = self.params()
+        if ps[0].grad is None:
             return None
-        gw = w.grad.reshape(w.shape[0], -1)
-        if b is None:
-            return gw
-        gb = b.grad
-        if gb is None:
-            gb = gw.new_zeros(w.shape[0])
-        return _cat_bias(gw, gb)
+        return self.layout.to_matrix([p.grad for p in ps])
 
-    @staticmethod
-    def split_matrix(module: nn.Module, M: Tensor) -> list[Tensor]:
-        """A (d_g, d_a) matrix [W b] as tensors shaped like :meth:`params` (same order)."""
-        w, b = _weight(module), _bias(module)
-        n = w[0].numel()
-        parts = [M[:, :n].reshape(w.shape)]
-        if b is not None:
-            parts.append(M[:, n])
-        return parts
+    def split_matrix(self, M: Tensor) -> list[Tensor]:
+        """A (d_g, d_a) matrix Θ as tensors shaped like :meth:`params` (same order)."""
+        return self.layout.from_matrix(M)
 
-    @classmethod
-    def set_grad_matrix(cls, module: nn.Module, M: Tensor) -> None:
+    def set_grad_matrix(self, M: Tensor) -> None:
         """Write the (d_g, d_a) matrix ``M`` back as the weight's and bias's ``.grad``."""
-        for p, part in zip(cls.params(module), cls.split_matrix(module, M)):
+        for p, part in zip(self.params(), self.split_matrix(M)):
             p.grad = _own(part.to(p.dtype).contiguous(), M)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.module).__name__}, kind={self.kind!r})"
 
 
 def _own(t: Tensor, M: Tensor) -> Tensor:
@@ -95,10 +109,6 @@ def _own(t: Tensor, M: Tensor) -> Tensor:
     if t.untyped_storage().data_ptr() == M.untyped_storage().data_ptr():
         return t.clone()
     return t
-
-
-def _cat_bias(gw: Tensor, gb: Tensor) -> Tensor:
-    return torch.cat([gw, gb[:, None]], 1)
 
 
 def append_ones(x: Tensor) -> Tensor:

@@ -1,17 +1,20 @@
-"""nn.Linear: aᵢ = [xᵢ; 1], gᵢ = ∂ℓᵢ/∂sᵢ, one location per example."""
+"""nn.Linear: aᵢ = [xᵢ; 1], gᵢ = ∂ℓᵢ/∂sᵢ, one position per example."""
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from typing import ClassVar
+
+from torch import Tensor
 
 from .base import LayerAdapter, UnsupportedLayerError, append_ones
 
 
 class LinearAdapter(LayerAdapter):
-    """Adapter of ``nn.Linear`` with 2-D (batch, features) inputs."""
+    """Adapter of ``nn.Linear`` with 2-D (batch, features) inputs (kind "dense")."""
 
-    @staticmethod
-    def inputs(module: nn.Module, x: Tensor) -> Tensor:
+    kind: ClassVar[str] = "dense"
+
+    def inputs(self, x: Tensor) -> Tensor:
         """aᵢ = [xᵢ; 1] (1 only with a bias) as (m, 1, d_a)."""
         if x.ndim != 2:
             raise UnsupportedLayerError(
@@ -20,9 +23,8 @@ class LinearAdapter(LayerAdapter):
                 " layer's Fisher block in the sense of DESIGN.md §2)"
             )
         x = x.detach()
-        return (append_ones(x) if module.bias is not None else x)[:, None, :]
+        return (append_ones(x) if self.module.bias is not None else x)[:, None, :]
 
-    @staticmethod
-    def output_grads(module: nn.Module, grad_out: Tensor) -> Tensor:
+    def output_grads(self, grad_out: Tensor) -> Tensor:
         """gᵢ as (m, 1, d_g)."""
         return grad_out.detach()[:, None, :]

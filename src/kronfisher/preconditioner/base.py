@@ -3,7 +3,7 @@
 It knows no specific curvature method: a subclass supplies three operations
 (:meth:`Preconditioner._update_curvature`, :meth:`~Preconditioner._refresh_inverse`,
 :meth:`~Preconditioner._precondition`); :class:`KroneckerPreconditioner` implements them
-with a :class:`~kronfisher.curvature.KroneckerEstimator`.
+by asking each layer's :class:`~kronfisher.curvature.CurvatureBlock`.
 
 Training-loop contract::
 
@@ -140,7 +140,7 @@ class Preconditioner(UncopyableMixin, CollectMixin, StateDictMixin):
         self._warned_not_fresh: set[str] = set()
         self._hooks = ModelHooks(self, self._forward_hook, self._written.accumulated,
                                  [p for s in self.layers.values()
-                                  for p in s.adapter.params(s.module)])
+                                  for p in s.adapter.params()])
 
     def remove_hooks(self) -> None:
         """Detach the hooks from the model; the preconditioner cannot be used after.
@@ -207,7 +207,7 @@ class Preconditioner(UncopyableMixin, CollectMixin, StateDictMixin):
             return self._reject(f"non-finite gradient in parameter(s) {bad}")
         grads = {}
         for s in fresh:
-            G = s.adapter.grad_matrix(s.module)
+            G = s.adapter.grad_matrix()
             if G is not None:
                 grads[s.name] = G
         missing = [n for n in grads if self.layers[n].curvature is None]
@@ -231,7 +231,7 @@ class Preconditioner(UncopyableMixin, CollectMixin, StateDictMixin):
             return self._reject(f"preconditioning produced non-finite values in {bad}")
         nu = self._kl_scale(out, grads)
         for s, X in out.items():
-            s.adapter.set_grad_matrix(s.module, X * nu if nu != 1.0 else X)
+            s.adapter.set_grad_matrix(X * nu if nu != 1.0 else X)
         self._written.new_interval(self._tracked_params())
         self.timings["precondition"] += time.perf_counter() - t2
         self.steps += 1
@@ -242,7 +242,7 @@ class Preconditioner(UncopyableMixin, CollectMixin, StateDictMixin):
             [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None])
 
     def _tracked_params(self) -> list[Tensor]:
-        return [p for s in self.layers.values() for p in s.adapter.params(s.module)]
+        return [p for s in self.layers.values() for p in s.adapter.params()]
 
     def _check_fresh_grads(self) -> GradFreshness:
         """The layers sorted by whether a backward produced their .grad since the last step.

@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from torch import Tensor
 
+from ..layers import LayerStatistics
 from .layer_state import LayerState
 
-__all__ = ["LayerBatch", "take_batch"]
+__all__ = ["take_batch"]
 
 
-@dataclass
-class LayerBatch:
-    """One layer's curvature batch: all its recorded pairs, concatenated.
-
-    Attributes:
-        a: (M, T, d_a) inputs, one row per (example, backward) pair.
-        g: (M, T, d_g) output gradients, scaled per ``collect()``'s contract.
-        spatial: the output grid (1, 1 for a linear layer).
-    """
-
-    a: Tensor
-    g: Tensor
-    spatial: tuple[int, int]
-
-
-def take_batch(layers: list[LayerState]) -> dict[LayerState, LayerBatch]:
+def take_batch(layers: list[LayerState]) -> dict[LayerState, LayerStatistics]:
     """Remove every layer's complete captures and return them as one batch per layer.
+
+    Each layer's batch is its captures concatenated along the examples: ``a`` (M, T, d_a),
+    ``g`` (M, T, d_g), one row per (example, backward) pair.
 
     The captures of *all* layers are taken before anything is checked, so that a refused
     batch leaves nothing pending for the next step.
@@ -43,8 +29,8 @@ def take_batch(layers: list[LayerState]) -> dict[LayerState, LayerBatch]:
         caps, s.captures = [c for c in s.captures if c.g is not None], []
         if caps:
             taken[s] = caps
-    sizes = {s.name: sorted({c.spatial for c in caps}) for s, caps in taken.items()
-             if len({c.spatial for c in caps}) > 1}
+    sizes = {s.name: sorted({c.pairing.grid for c in caps}) for s, caps in taken.items()
+             if len({c.pairing for c in caps}) > 1}
     if sizes:
         raise ValueError(
             f"collect() recorded outputs of different spatial sizes in layer(s) {sizes}"
@@ -63,5 +49,5 @@ def take_batch(layers: list[LayerState]) -> dict[LayerState, LayerBatch]:
     out = {}
     for s, caps in taken.items():
         gs = [c.g for c in caps if c.g is not None]  # all: caps is filtered
-        out[s] = LayerBatch(torch.cat([c.a for c in caps]), torch.cat(gs), caps[0].spatial)
+        out[s] = LayerStatistics(torch.cat([c.a for c in caps]), torch.cat(gs), caps[0].pairing)
     return out

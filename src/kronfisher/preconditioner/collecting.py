@@ -17,8 +17,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from ..layers import LayerStatistics
 from ..linalg import all_finite
-from ._checks import as_int, curvature_finite
+from ._checks import as_int
 from .batch import take_batch
 from .hooks import inside_backward
 from .layer_state import Capture, LayerState
@@ -45,8 +46,12 @@ class CollectMixin:
     def _check_hooks(self, what: str) -> None:
         raise NotImplementedError
 
-    def _update_curvature(self, batch: dict[LayerState, tuple[Tensor, Tensor, tuple]]) -> None:
-        """Fold one batch of (a, g, spatial) per layer into the layers' curvature."""
+    def _update_curvature(self, batch: dict[LayerState, LayerStatistics]) -> None:
+        """Fold one batch of statistics per layer into the layers' curvature."""
+        raise NotImplementedError
+
+    def _finite(self, state: LayerState, curvature) -> bool:
+        """Whether ``curvature`` (of ``state``'s kind) is finite; TypeError for another kind."""
         raise NotImplementedError
 
     @contextlib.contextmanager
@@ -123,7 +128,7 @@ class CollectMixin:
         state = self._by_module.get(id(module))
         if state is None or not isinstance(output, Tensor) or not output.requires_grad:
             return
-        cap = Capture(a=state.adapter.inputs(module, inputs[0]),
+        cap = Capture(a=state.adapter.inputs(inputs[0]),
                       during_backward=inside_backward())
         state.captures.append(cap)
         n = self._batch_size or inputs[0].shape[0]
@@ -132,12 +137,12 @@ class CollectMixin:
         def grad_hook(grad: Tensor) -> None:
             if not self._collecting:
                 return
-            g = state.adapter.output_grads(module, grad) * scale
-            spatial = state.adapter.spatial_shape(module, grad)
+            g = state.adapter.output_grads(grad) * scale
+            pairing = state.adapter.pairing(grad)
             if cap.g is None:
-                cap.g, cap.spatial = g, spatial
+                cap.g, cap.pairing = g, pairing
             else:  # another backward through the same forward: another pass over it
-                state.captures.append(Capture(a=cap.a, spatial=spatial, g=g))
+                state.captures.append(Capture(a=cap.a, pairing=pairing, g=g))
 
         output.register_hook(grad_hook)
 
@@ -147,13 +152,13 @@ class CollectMixin:
             if not (all_finite(b.a) and all_finite(b.g)):
                 self._curvature_rejected(s.name, "non-finite curvature statistics")
                 continue
-            batch[s] = (b.a, b.g, b.spatial)  # the subclass interface's (a, g, spatial)
+            batch[s] = b
         if not batch:
             return
         before = {s: (s.curvature, s.updates) for s in batch}
         self._update_curvature(batch)
         overflowed = [s for s, (old, _) in before.items()
-                      if s.curvature is not old and not curvature_finite(s.curvature)]
+                      if s.curvature is not old and not self._finite(s, s.curvature)]
         for s in overflowed:  # restore every layer before reporting: "raise" stops at the first
             s.curvature, s.updates = before[s]  # the running average stays as it was
         for s in overflowed:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature.estimator import pow2_scale
+from ..layers import LayerStatistics
 from ..linalg import SingularFactorError
 from ..linalg.numerics import all_finite, eigh
 from ._checks import as_int, check_damping, grad_matrix_shape, typed_curvature
@@ -82,6 +83,14 @@ def _dense_curvature(state: LayerState) -> Tensor | None:
     return typed_curvature(state, Tensor, "ExactNG's", "dense Tensor")
 
 
+def _dense_curvature_value(state: LayerState, c) -> Tensor | None:
+    """``c`` (a curvature of ``state``), checked to be a dense Tensor or None."""
+    if c is not None and not isinstance(c, Tensor):
+        raise TypeError(f"layer {state.name!r}: ExactNG's curvature must be a dense Tensor,"
+                        f" got {type(c).__name__}")
+    return c
+
+
 class ExactNG(Preconditioner):
     """Natural gradient with the exact Fisher, solved densely — the reference baseline.
 
@@ -120,8 +129,7 @@ class ExactNG(Preconditioner):
             inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
             kl_clip_mode=kl_clip_mode,
         )
-        sizes = {n: sum(p.numel() for p in s.adapter.params(s.module))
-                 for n, s in self.layers.items()}
+        sizes = {n: s.adapter.layout.n_params for n, s in self.layers.items()}
         total = sum(sizes.values())
         largest = total if not block_diagonal else max(sizes.values())
         if largest > max_params:
@@ -130,6 +138,7 @@ class ExactNG(Preconditioner):
                 f" ({'full' if not block_diagonal else 'largest block'}); the limit is"
                 f" max_params={max_params}. Use a Kronecker method or raise max_params."
             )
+        # each layer's vec(Θ) (column stacking of its [W b] layout) in the full Fisher
         self._offsets, off = {}, 0
         for n, k in sizes.items():
             self._offsets[n] = (off, off + k)
@@ -139,10 +148,10 @@ class ExactNG(Preconditioner):
         self._full_inverse: FullFisherInverse | None = None
 
     # -------------------------------------------------------------- curvature
-    def _update_curvature(self, batch: dict[LayerState, tuple[Tensor, Tensor, tuple]]) -> None:
+    def _update_curvature(self, batch: dict[LayerState, LayerStatistics]) -> None:
         if self.block_diagonal:
-            for s, (a, g, _) in batch.items():
-                F = _fisher([_scaled_jacobian(a, g)])
+            for s, stats in batch.items():
+                F = _fisher([_scaled_jacobian(stats.a, stats.g)])
                 rho = self._decay(s)
                 old = _dense_curvature(s)
                 s.curvature = F if old is None or rho == 0 else rho * old + (1 - rho) * F
@@ -153,10 +162,10 @@ class ExactNG(Preconditioner):
             raise RuntimeError(
                 f"full-Fisher ExactNG needs statistics of every layer; missing {missing}"
             )
-        ms = {a.shape[0] for a, _, _ in batch.values()}
+        ms = {stats.m for stats in batch.values()}
         if len(ms) != 1:
             raise RuntimeError("all layers must see the same examples for the full Fisher")
-        F = _fisher([_scaled_jacobian(a, g) for s, (a, g, _) in
+        F = _fisher([_scaled_jacobian(stats.a, stats.g) for s, stats in
                      sorted(batch.items(), key=lambda kv: self._offsets[kv[0].name][0])])
         if not all_finite(F):
             bad = [n for n, (lo, hi) in self._offsets.items()
@@ -274,11 +283,13 @@ class ExactNG(Preconditioner):
         return out
 
     # -------------------------------------------------------------- state
-    def _pack(self, curvature):
-        return None if curvature is None else curvature.clone()
+    def _pack(self, state: LayerState, curvature):
+        c = _dense_curvature_value(state, curvature)
+        return None if c is None else c.clone()
 
-    def _unpack(self, packed):
-        return packed
+    def _finite(self, state: LayerState, curvature) -> bool:
+        c = _dense_curvature_value(state, curvature)
+        return c is None or all_finite(c)
 
     def _after_cast(self, layers: list[LayerState]) -> None:
         if self.block_diagonal or self._full is None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from torch import Tensor, nn
 
-from ..layers import LayerAdapter
-from ..linalg import KroneckerSum
+from ..curvature import CurvatureBlock
+from ..layers import LayerAdapter, Pairing
 
 __all__ = ["Capture", "Factorization", "LayerState"]
 
@@ -21,8 +21,8 @@ class Capture:
     Capture sharing ``a``: each backward is one pass over that forward's examples.
 
     Attributes:
-        a: the adapter's input matrix, rows are examples (or positions).
-        spatial: the output's spatial size (1, 1 for a linear layer).
+        a: the adapter's input matrix (m, T, d_a).
+        pairing: how the output's positions pair (one position for a linear layer).
         g: the scaled output gradients, None until the backward reaches the layer.
         during_backward: the forward ran inside a backward (activation checkpointing
             recomputes it there; without reentrant checkpointing its output never gets a
@@ -30,7 +30,7 @@ class Capture:
     """
 
     a: Tensor
-    spatial: tuple[int, int] = (1, 1)
+    pairing: Pairing = field(default_factory=Pairing)
     g: Tensor | None = None
     during_backward: bool = False
 
@@ -47,15 +47,21 @@ class Factorization(Protocol):
 
 @dataclass(eq=False)  # identity semantics: states are dict keys
 class LayerState:
-    """Everything the preconditioner keeps for one registered layer."""
+    """Everything the preconditioner keeps for one registered layer.
+
+    ``curvature`` and ``inverse_source`` hold what the layer's curvature block keeps
+    (a KroneckerSum for the Kronecker blocks; a dense block for ExactNG, which has no
+    per-layer block: ``block`` is None there).
+    """
 
     name: str
     module: nn.Module
-    adapter: type[LayerAdapter]
-    curvature: KroneckerSum | Tensor | None = None  # a dense block for ExactNG
+    adapter: LayerAdapter
+    block: CurvatureBlock | None = None
+    curvature: Any = None
     updates: int = 0  # number of curvature batches folded in
     # the curvature the current inverse was built from
-    inverse_source: KroneckerSum | Tensor | None = None
+    inverse_source: Any = None
     inverse: Factorization | None = None  # its factorisation, used by step()
     inverse_damping: float | None = None
     captures: list[Capture] = field(default_factory=list)

@@ -45,7 +45,7 @@ def register_layers(model: nn.Module) -> Registration:
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
         if type(module) in ADAPTERS:
             try:
-                adapter = adapter_for(module)
+                adapter = adapter_for(module)  # one adapter object per registered module
             except UnsupportedLayerError as e:
                 reg.skip(name, own, str(e))
                 continue

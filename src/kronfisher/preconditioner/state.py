@@ -2,7 +2,7 @@
 
 :class:`StateDictMixin` gives :class:`~kronfisher.preconditioner.Preconditioner` its
 ``state_dict`` / ``load_state_dict`` methods; a subclass supplies the hooks ``_pack``,
-``_unpack``, ``_factorize``, ``_check_packed``, ``_check_extra_state`` and optionally
+``_finite``, ``_factorize``, ``_check_packed``, ``_check_extra_state`` and optionally
 ``_extra_state`` / ``_load_extra_state`` / ``_factorize_loaded``.
 
 ``load_state_dict`` validates the whole state — kind of preconditioner and its settings
@@ -16,11 +16,9 @@ curvature dtype and device (its module's, float32 for half-precision modules).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from torch import Tensor
-
-from ..linalg import KroneckerSum
-from ._checks import as_int, check_damping, checked_options, curvature_finite
+from ._checks import as_int, check_damping, checked_options
 from .layer_state import Factorization, LayerState
 from .written import WrittenGrads
 
@@ -47,8 +45,8 @@ class LayerLoad:
     """One layer's checked state, ready to be installed."""
 
     updates: int
-    curvature: KroneckerSum | Tensor | None
-    inverse_source: KroneckerSum | Tensor | None
+    curvature: Any
+    inverse_source: Any
     inverse: Factorization | None
     inverse_damping: float | None
 
@@ -83,10 +81,10 @@ class StateDictMixin:
         for name, s in self.layers.items():
             layers[name] = {
                 "updates": s.updates,
-                "curvature": self._pack(s.curvature),
+                "curvature": self._pack(s, s.curvature),
                 "inverse_source": None
                 if s.inverse_source is s.curvature
-                else self._pack(s.inverse_source),
+                else self._pack(s, s.inverse_source),
                 "inverse_is_curvature": s.inverse_source is s.curvature,
                 "inverse_damping": s.inverse_damping,
             }
@@ -164,29 +162,30 @@ class StateDictMixin:
             raise ValueError(f"{where} must be a dict with {list(_LAYER_KEYS)}")
         if not isinstance(d["inverse_is_curvature"], bool):
             raise ValueError(f"{where}: 'inverse_is_curvature' must be True or False")
-        loaded: dict[str, KroneckerSum | Tensor | None] = {}
+        loaded: dict[str, Any] = {}
         for key in ("curvature", "inverse_source"):
             if d[key] is None:
                 loaded[key] = None
                 continue
             c = self._check_packed(s, key, d[key])
-            if not curvature_finite(c):
+            if not self._finite(s, c):
                 raise ValueError(f"{where}: the saved {key} has NaN or Inf entries (saved from a"
                                  " diverged run?)")
             loaded[key] = c
         source = loaded["curvature"] if d["inverse_is_curvature"] else loaded["inverse_source"]
         damping = None if d["inverse_damping"] is None else check_damping(d["inverse_damping"])
-        scratch = LayerState(s.name, s.module, s.adapter)
+        scratch = LayerState(s.name, s.module, s.adapter, s.block)
         if source is not None and damping is not None:
             self._factorize_loaded(scratch, source, damping, extra)
         return LayerLoad(as_int(f"{where} 'updates'", d["updates"], 0), loaded["curvature"],
                          source, scratch.inverse, scratch.inverse_damping)
 
     # ---------------------------------------------------------- subclass hooks
-    def _pack(self, curvature):
+    def _pack(self, state: LayerState, curvature):
+        """``state``'s curvature as plain values and tensors (copies; None stays None)."""
         raise NotImplementedError
 
-    def _unpack(self, packed):
+    def _finite(self, state: LayerState, curvature) -> bool:
         raise NotImplementedError
 
     def _check_packed(self, state: LayerState, key: str, packed):
