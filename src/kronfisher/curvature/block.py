@@ -38,10 +38,13 @@ class BlockOptions:
         estimator: the method and its options (validated at construction), with the
             pair-mask cache; see :class:`~kronfisher.curvature.KroneckerEstimator`.
         log: where repeated conditions are reported.
+        scale_shift: "full" (the 2×2 block per feature) or "diagonal" (its diagonal), for
+            scale-and-shift layers (:class:`~kronfisher.curvature.ScaleShiftBlock`).
     """
 
     estimator: KroneckerEstimator
     log: Reporter
+    scale_shift: str = "full"
 
     @property
     def method(self) -> str:

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ..layers import SCALE_SHIFT_KIND
 from .block import CurvatureBlock
 from .kronecker_block import KroneckerBlock
 from .methods import METHODS
+from .scale_shift_block import ScaleShiftBlock
 
 __all__ = ["DEFAULT_BLOCKS", "register_block", "block_class", "check_overrides"]
 
 DEFAULT_BLOCKS: dict[tuple[str, str], type[CurvatureBlock]] = {
     (kind, method): KroneckerBlock for kind in ("dense", "conv2d") for method in METHODS
-}
-"""(layer kind, method) → block class."""
+} | {(SCALE_SHIFT_KIND, method): ScaleShiftBlock for method in METHODS}
+"""(layer kind, method) → block class. Scale-and-shift layers get the same exact
+per-feature block under every method (:class:`ScaleShiftBlock`)."""
 
 
 def register_block(kind: str, block: type[CurvatureBlock],

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import LayerAdapter, UnsupportedLayerError, append_ones
+from .base import LayerAdapter, UnsupportedLayerError, append_ones, per_example_gradients
 from .conv2d import Conv2dAdapter
 from .linear import LinearAdapter
 from .param_layout import ParamLayout
+from .scale_shift import SCALE_SHIFT_KIND, SCALE_SHIFT_TYPES, ScaleShiftAdapter
 from .statistics import PAIRINGS, LayerStatistics, Pairing
 
 ADAPTERS: dict[type, type[LayerAdapter]] = {nn.Linear: LinearAdapter, nn.Conv2d: Conv2dAdapter}
+ADAPTERS.update({t: ScaleShiftAdapter for t in SCALE_SHIFT_TYPES})
 
 
 def adapter_for(module: nn.Module) -> LayerAdapter:
@@ -36,6 +38,10 @@ __all__ = [
     "LayerAdapter",
     "LinearAdapter",
     "Conv2dAdapter",
+    "ScaleShiftAdapter",
+    "SCALE_SHIFT_KIND",
+    "SCALE_SHIFT_TYPES",
+    "per_example_gradients",
     "UnsupportedLayerError",
     "adapter_for",
     "append_ones",

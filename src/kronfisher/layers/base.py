@@ -44,6 +44,9 @@ class LayerAdapter:
     """
 
     kind: ClassVar[str] = ""
+    inputs_rescalable: ClassVar[bool] = True
+    """:meth:`per_example_gradients` is linear in ``a`` (ExactNG may divide ``a`` by a power
+    of two before it, exactly); False when it is not (then only ``g`` is rescaled)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.check(module)
@@ -70,6 +73,14 @@ class LayerAdapter:
     def pairing(self, grad_out: Tensor) -> Pairing:
         """How the T positions of one example pair (one position by default)."""
         return Pairing()
+
+    def per_example_gradients(self, a: Tensor, g: Tensor) -> Tensor:
+        """vec(Θ's gradient) of each example, (m, d_g·d_a), column-stacking vec.
+
+        Default vec(Σ_t g_t a_tᵀ) from ``a`` (m, T, d_a) and ``g`` (m, T, d_g) (ExactNG's
+        per-example gradients).
+        """
+        return per_example_gradients(a, g)
 
     def params(self) -> list[Tensor]:
         """The weight and (if present) the bias, in gradient-matrix column order."""
@@ -109,6 +120,11 @@ def _own(t: Tensor, M: Tensor) -> Tensor:
     if t.untyped_storage().data_ptr() == M.untyped_storage().data_ptr():
         return t.clone()
     return t
+
+
+def per_example_gradients(a: Tensor, g: Tensor) -> Tensor:
+    """vec(Σ_t g_{it} a_{it}ᵀ) for each example: (m, d_a·d_g), column-stacking vec."""
+    return torch.einsum("ita,itg->iag", a, g).reshape(a.shape[0], -1)
 
 
 def append_ones(x: Tensor) -> Tensor:

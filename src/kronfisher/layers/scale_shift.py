@@ -18,16 +18,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import UnsupportedLayerError
+from .base import LayerAdapter, UnsupportedLayerError
+from .param_layout import ParamLayout
+from .statistics import Pairing
 
-__all__ = ["SCALE_SHIFT_TYPES", "ScaleShiftGrads", "check_scale_shift", "normalized_input",
-           "uses_batch_statistics", "to_feature_layout", "scale_shift_grads",
-           "scale_shift_params", "scale_shift_features"]
+__all__ = ["SCALE_SHIFT_TYPES", "SCALE_SHIFT_KIND", "ScaleShiftAdapter", "ScaleShiftGrads",
+           "check_scale_shift", "normalized_input", "uses_batch_statistics",
+           "to_feature_layout", "scale_shift_grads", "scale_shift_params",
+           "scale_shift_features"]
+
+SCALE_SHIFT_KIND = "scale_shift"
+"""The layer kind of every scale-and-shift adapter (the curvature registry's key)."""
 
 SCALE_SHIFT_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
@@ -167,3 +174,59 @@ def scale_shift_grads(xhat: Tensor, g: Tensor, has_shift: bool) -> ScaleShiftGra
                          f" {tuple(xhat.shape)} and {tuple(g.shape)}")
     return ScaleShiftGrads(scale=torch.einsum("mtc,mtc->mc", xhat, g),
                            shift=g.sum(1) if has_shift else None)
+
+
+class ScaleShiftAdapter(LayerAdapter):
+    """Adapter of an affine LayerNorm, BatchNorm1d/2d or GroupNorm (kind "scale_shift").
+
+    Statistics: ``a`` = x̂ and ``g`` = output gradients, both (m, T, C) (see the module
+    docstring), paired as T positions sharing the parameters. Θ = [γ β] of shape (C, k),
+    k = 2 (k = 1 with ``bias=False``): a "layer" whose weight is diagonal, γ flattened in
+    ``weight.reshape(-1)`` order (LayerNorm's multi-dimensional ``normalized_shape`` too).
+    The batch must be the input's first dimension (``batch_first=True`` in transformers).
+    """
+
+    kind: ClassVar[str] = SCALE_SHIFT_KIND
+    inputs_rescalable: ClassVar[bool] = False  # dβ = Σ g does not scale with x̂
+
+    @classmethod
+    def check(cls, module: nn.Module) -> None:
+        """Raise :class:`UnsupportedLayerError` unless affine (see :func:`check_scale_shift`)."""
+        check_scale_shift(module)
+
+    @property
+    def layout(self) -> ParamLayout:
+        """Θ = [γ β] as (C, 2), or [γ] as (C, 1): γ and β flattened to (C,)."""
+        ps = scale_shift_params(self.module)
+        return ParamLayout((ps[0].numel(),), len(ps) == 2)
+
+    def inputs(self, x: Tensor) -> Tensor:
+        """x̂ (the module's own normalisation of ``x``) as (m, T, C)."""
+        return to_feature_layout(self.module, normalized_input(self.module, x))
+
+    def output_grads(self, grad_out: Tensor) -> Tensor:
+        """The output gradients as (m, T, C)."""
+        return to_feature_layout(self.module, grad_out.detach())
+
+    def pairing(self, grad_out: Tensor) -> Pairing:
+        """T positions sharing γ, β (one capture size per curvature batch)."""
+        t = to_feature_layout(self.module, grad_out).shape[1]
+        return Pairing("shared", (1, t)) if t > 1 else Pairing()
+
+    def grad_matrix(self) -> Tensor | None:
+        """[∇γ ∇β] as (C, k), or None if γ has no gradient (a β without one counts as 0)."""
+        ps = self.params()
+        if ps[0].grad is None:
+            return None
+        return self.layout.to_matrix([None if p.grad is None else p.grad.reshape(-1)
+                                      for p in ps])
+
+    def split_matrix(self, M: Tensor) -> list[Tensor]:
+        """A (C, k) matrix as tensors shaped like γ and β (same order)."""
+        return [part.reshape(p.shape)
+                for part, p in zip(self.layout.from_matrix(M), self.params())]
+
+    def per_example_gradients(self, a: Tensor, g: Tensor) -> Tensor:
+        """vec([dγ_b dβ_b]) = [dγ_b; dβ_b] for each example, (m, C·k)."""
+        grads = scale_shift_grads(a, g, self.layout.has_bias)
+        return grads.stacked().transpose(1, 2).reshape(a.shape[0], -1)

@@ -58,8 +58,9 @@ class Preconditioner(UncopyableMixin, CollectMixin, StateDictMixin):
     """Base class of all natural-gradient preconditioners (see module docstring).
 
     Args:
-        model: the network; every ``nn.Linear`` and ``nn.Conv2d`` (exact type, supported
-            configuration) is registered, all other parameters are left untouched and
+        model: the network; every ``nn.Linear``, ``nn.Conv2d`` and affine ``nn.LayerNorm``,
+            ``nn.BatchNorm1d/2d``, ``nn.GroupNorm`` (exact type, supported configuration)
+            is registered, all other parameters are left untouched and
             listed in :attr:`skipped` with the reason in :attr:`skip_reasons`.
         damping: λ added to the curvature (see the method's damping scheme).
         ema_decay: running-average decay ρ; a curvature batch is folded in with decay
@@ -128,7 +129,8 @@ class Preconditioner(UncopyableMixin, CollectMixin, StateDictMixin):
         self.skip_reasons: dict[str, str] = reg.skip_reasons
         if not self.layers:
             raise UnsupportedLayerError(
-                "the model has no supported layer (nn.Linear, nn.Conv2d) to precondition"
+                "the model has no supported layer (nn.Linear, nn.Conv2d, nn.LayerNorm,"
+                " nn.BatchNorm1d/2d, nn.GroupNorm) to precondition"
             )
         self._by_module = {id(s.module): s for s in self.layers.values()}
         self._collecting = False

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..curvature import BlockOptions, CurvatureBlock, KroneckerEstimator
 from ..curvature.registry import block_class, check_overrides
+from ..curvature.scale_shift import check_scale_shift_mode
 from ..layers import LayerStatistics
 from ..linalg import SCHEMES
 from .base import LayerState, Preconditioner
@@ -48,6 +49,10 @@ class KroneckerPreconditioner(Preconditioner):
         kl_clip_mode: "lr2" or "authors" (see :class:`Preconditioner`).
         ema_counter: "updates" or "steps" (see :class:`Preconditioner`).
         tol, max_iter: solver tolerance (relative) and iteration cap.
+        scale_shift: the block of scale-and-shift layers (LayerNorm, BatchNorm1d/2d,
+            GroupNorm; the same for every method): "full" (the exact 2×2 Fisher block of
+            (γ_j, β_j) per feature) or "diagonal" (its diagonal). Their damped matrix is
+            F_j + λI under every ``damping_scheme``.
         blocks: overrides of the curvature block per layer name or layer kind (a name
             wins over a kind; the default map is
             :data:`~kronfisher.curvature.DEFAULT_BLOCKS`).
@@ -86,8 +91,10 @@ class KroneckerPreconditioner(Preconditioner):
         kl_clip_mode: str = "lr2",
         ema_counter: str = "updates",
         blocks: Mapping[str, type[CurvatureBlock]] | None = None,
+        scale_shift: str = "full",
     ):
         method = method or self.method
+        self.scale_shift = check_scale_shift_mode(scale_shift)
         if damping_scheme not in SCHEMES:
             raise ValueError(f"damping_scheme must be one of {SCHEMES}, got {damping_scheme!r}")
         self.estimator = KroneckerEstimator(
@@ -103,7 +110,7 @@ class KroneckerPreconditioner(Preconditioner):
             inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
             kl_clip_mode=kl_clip_mode, ema_counter=ema_counter,
         )
-        options = BlockOptions(self.estimator, self.warning_log)
+        options = BlockOptions(self.estimator, self.warning_log, self.scale_shift)
         for s in self.layers.values():
             cls = block_class(s.name, s.adapter.kind, method, overrides)
             s.block = cls(s.name, s.adapter, options)
@@ -178,7 +185,8 @@ class KroneckerPreconditioner(Preconditioner):
 
     def _extra_state(self) -> dict:
         return {"kind": "kronecker", "method": self.method, "damping_scheme": self.damping_scheme,
-                "rank": self.estimator.rank, "conv_radius": self.estimator.conv_radius}
+                "rank": self.estimator.rank, "conv_radius": self.estimator.conv_radius,
+                "scale_shift": self.scale_shift}
 
     def _check_extra_state(self, extra: dict) -> dict:
         kind = state_kind(extra)
@@ -193,7 +201,8 @@ class KroneckerPreconditioner(Preconditioner):
                 " load it into a preconditioner of that method (the curvature of one method"
                 " is not the curvature of another)")
         for key, mine in (("rank", self.estimator.rank),
-                          ("conv_radius", self.estimator.conv_radius)):
+                          ("conv_radius", self.estimator.conv_radius),
+                          ("scale_shift", self.scale_shift)):
             if key in extra and extra[key] != mine:
                 raise ValueError(f"state_dict was made with {key}={extra[key]!r}, this"
                                  f" {type(self).__name__} has {key}={mine!r}")
