@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+import kronfisher as kf
 from kronfisher.curvature.scale_shift import (
     ScaleShiftCurvature,
     checked_scale_shift_blocks,
@@ -290,3 +291,158 @@ def test_saved_blocks_are_checked():
             checked_scale_shift_blocks(where, bad, (3, 2), "full")
     with pytest.raises(ValueError, match="diagonal"):
         checked_scale_shift_blocks(where, good, (3, 2), "diagonal")
+
+
+# ----------------------------------------------------------- through the preconditioners
+METHODS = {"kfac": kf.KFAC, "kpsvd": kf.KPSVD, "deflation": kf.Deflation,
+           "kfac_corrected": kf.KFACCorrected, "lanczos": kf.Lanczos}
+LAM = 1e-2
+
+
+def _collected(cls, model, X, Y, **kw):
+    """A preconditioner whose curvature batch is (X, Y) with the batch-mean loss."""
+    pc = cls(model, damping=LAM, **kw)
+    with pc.collect():
+        (_loss(model(X), Y) / B).backward()
+    return pc
+
+
+def _gradient(model, norm, X, Y):
+    """A new backward of the batch-mean loss; returns [∇γ ∇β] as (C, k)."""
+    model.zero_grad()
+    (_loss(model(X), Y) / B).backward()
+    return torch.stack([p.grad.reshape(-1) for p in scale_shift_params(norm)], 1).clone()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("name", CASES)
+def test_every_method_keeps_the_exact_blocks_and_solves_with_them(name, method):
+    """Every Kronecker preconditioner registers the layer (kind scale_shift), its curvature
+    is the per-feature blocks of torch.func's Fisher (1e-12), and step() writes
+    (F_j + λI)⁻¹ (∇γ_j, ∇β_j) as the dense solve gives it (1e-10)."""
+    model, norm, i, X, Y = _build(name)
+    J = reference_jacobian(model, norm, i, X, Y)
+    C, k = norm.weight.numel(), J.shape[1] // norm.weight.numel()
+    pc = _collected(METHODS[method], model, X, Y)
+    assert pc.skipped == [] and pc.layers[str(i)].adapter.kind == "scale_shift"
+    Fd = (J.T @ J / B) * _pair_mask(C, k)
+    V = _gradient(model, norm, X, Y)
+    assert pc.step()
+    curv = pc.curvature(norm)
+    assert isinstance(curv, ScaleShiftCurvature) and curv.shape == (C, k)
+    torch.testing.assert_close(curv.to_dense(), Fd, rtol=1e-12, atol=1e-13)
+    want = torch.linalg.solve(Fd + LAM * torch.eye(C * k, dtype=D), V.T.reshape(-1))
+    got = torch.cat([p.grad.reshape(-1) for p in scale_shift_params(norm)])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert [p.grad.shape for p in scale_shift_params(norm)] == [
+        p.shape for p in scale_shift_params(norm)]
+
+
+@pytest.mark.parametrize("name", ["ln_seq", "bn2d_train", "gn"])
+def test_diagonal_option_and_damping_scheme(name):
+    """scale_shift="diagonal" keeps diag(F) only; the scale-and-shift block is F_j + λI
+    under every damping scheme (curvature_product is what the solve inverts)."""
+    model, norm, i, X, Y = _build(name)
+    J = reference_jacobian(model, norm, i, X, Y)
+    C, k = norm.weight.numel(), J.shape[1] // norm.weight.numel()
+    pc = _collected(kf.KPSVD, model, X, Y, scale_shift="diagonal", damping_scheme="factored")
+    V = _gradient(model, norm, X, Y)
+    pc.step()
+    Fd = torch.diag((J**2).mean(0))
+    torch.testing.assert_close(pc.curvature(norm).to_dense(), Fd, rtol=1e-12, atol=1e-13)
+    got = torch.stack([p.grad.reshape(-1) for p in scale_shift_params(norm)], 1)
+    torch.testing.assert_close(got, V / (torch.diagonal(Fd).reshape(k, C).T + LAM),
+                               rtol=1e-12, atol=1e-13)
+    back = pc.curvature_product({str(i): got})[str(i)]
+    torch.testing.assert_close(back, V, rtol=1e-12, atol=1e-13)
+    with pytest.raises(ValueError, match="scale_shift must be one of"):
+        kf.KFAC(model, scale_shift="block")
+
+
+@pytest.mark.parametrize("name", ["ln_seq", "bn1d_seq_train", "gn"])
+def test_exact_ng_uses_the_whole_fisher_of_the_layer(name):
+    """ExactNG's block of a scale-and-shift layer is all of JᵀJ/B (cross-feature terms
+    included), in block-diagonal and in full-Fisher mode, and its step is the dense solve."""
+    model, norm, i, X, Y = _build(name)
+    J = reference_jacobian(model, norm, i, X, Y)
+    F = J.T @ J / B
+    for block_diagonal in (True, False):
+        pc = _collected(kf.ExactNG, model, X, Y, block_diagonal=block_diagonal)
+        V = _gradient(model, norm, X, Y)
+        pc.step()
+        torch.testing.assert_close(pc.curvature(norm), F, rtol=1e-12, atol=1e-13)
+        if block_diagonal:
+            want = torch.linalg.solve(F + LAM * torch.eye(F.shape[0], dtype=D),
+                                      V.T.reshape(-1))
+            got = torch.cat([p.grad.reshape(-1) for p in scale_shift_params(norm)])
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_running_average_state_dict_and_dtype():
+    """Two batches at ema_decay 0.5 average equally; a state_dict resumes the blocks and is
+    checked (mode, shape); model.float() casts the blocks along."""
+    model, norm, i, X, Y = _build("ln_seq")
+    X2, Y2 = torch.randn_like(X), torch.randn_like(Y)
+    pc = kf.KFAC(model, damping=LAM, ema_decay=0.5)
+    blocks = []
+    for x, y in ((X, Y), (X2, Y2)):
+        J = reference_jacobian(model, norm, i, x, y)
+        blocks.append((J.T @ J / B) * _pair_mask(3, 2))
+        with pc.collect(force=True):
+            (_loss(model(x), y) / B).backward()
+        _gradient(model, norm, x, y)
+        pc.step()
+    torch.testing.assert_close(pc.curvature(norm).to_dense(), 0.5 * (blocks[0] + blocks[1]),
+                               rtol=1e-12, atol=1e-13)
+    sd = pc.state_dict()
+    assert sd["extra"]["scale_shift"] == "full"
+    other = kf.KFAC(model, damping=LAM, ema_decay=0.5)
+    other.load_state_dict(sd)
+    assert torch.equal(other.curvature(norm).blocks, pc.curvature(norm).blocks)
+    with pytest.raises(ValueError, match="scale_shift='full'"):
+        kf.KFAC(model, scale_shift="diagonal").load_state_dict(sd)
+    bad = pc.state_dict()
+    bad["layers"][str(i)]["curvature"] = bad["layers"][str(i)]["curvature"][:2]
+    with pytest.raises(ValueError, match=rf"layer '{i}'.*needs \(3, 2, 2\)"):
+        other.load_state_dict(bad)
+    model.float()
+    _gradient(model, norm, X.float(), Y.float())
+    assert pc.step()
+    assert pc.curvature(norm).blocks.dtype == torch.float32
+
+
+def test_overflowing_blocks_are_dropped_and_singular_damping_is_retried():
+    """Blocks that overflow float64 skip the update with a warning naming the layer (the
+    previous blocks stay); λ = 0 with one example (rank-1 blocks) is retried at 1e-8."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2)).to(D)
+    pc = kf.KFAC(model, damping=0.0)
+    x = torch.randn(1, 4, dtype=D)
+    with pc.collect():
+        model(x).square().sum().backward()
+    model.zero_grad()
+    model(x).square().sum().backward()
+    with pytest.warns(RuntimeWarning, match="layer '1'.*retrying with damping 1e-08"):
+        assert pc.step()
+    assert pc.layers["1"].inverse.damping == 1e-8
+    before = pc.curvature(model[1]).blocks.clone()
+    with pc.collect(force=True):
+        (model(x).square().sum() * 1e160).backward()
+    model.zero_grad()
+    model(x).square().sum().backward()
+    with pytest.warns(RuntimeWarning, match="layer '1': the curvature built from its"):
+        pc.step()
+    assert torch.equal(pc.curvature(model[1]).blocks, before)
+
+
+def test_curvature_scale_diagnostic_reads_the_blocks():
+    """vᵀF̂v of the diagnostics is Σ_j V_jᵀ F_j V_j = vec(V)ᵀ to_dense() vec(V)."""
+    from kronfisher.diagnostics import curvature_quadratic_form, top_eigenvalue
+
+    c = estimate_scale_shift(torch.randn(7, 4, 2, dtype=D))
+    V = torch.randn(3, 4, 2, dtype=D)
+    v = V.mT.reshape(3, -1)
+    torch.testing.assert_close(curvature_quadratic_form(c, V),
+                               ((v @ c.to_dense()) * v).sum(1), rtol=1e-13, atol=0)
+    assert top_eigenvalue(c) == pytest.approx(
+        float(torch.linalg.eigvalsh(c.to_dense()).abs().max()), rel=1e-13)
