@@ -446,3 +446,33 @@ def test_curvature_scale_diagnostic_reads_the_blocks():
                                ((v @ c.to_dense()) * v).sum(1), rtol=1e-13, atol=0)
     assert top_eigenvalue(c) == pytest.approx(
         float(torch.linalg.eigvalsh(c.to_dense()).abs().max()), rel=1e-13)
+
+
+def test_quadratic_model_form_and_adaptive_step_on_a_2d_normalized_shape():
+    """approx_curvature_form reads the LayerNorm((4, 3)) layer's (F_j + λI) through its
+    adapter (γ of shape (4, 3) flattened like weight.reshape(-1)); AdaptiveNG takes a
+    finite automatic step on the model."""
+    from kronfisher.optim import approx_curvature_form
+
+    model, norm, i, X, Y = _build("ln_2d_shape")
+    J = reference_jacobian(model, norm, i, X, Y)
+    pc = _collected(kf.KFAC, model, X, Y)
+    _gradient(model, norm, X, Y)
+    pc.step()
+    names = {id(p): n for n, p in model.named_parameters()}
+    delta = {f"{i}.weight": torch.randn(4, 3, dtype=D), f"{i}.bias": torch.randn(4, 3, dtype=D)}
+    v = torch.cat([delta[f"{i}.weight"].reshape(-1), delta[f"{i}.bias"].reshape(-1)])
+    M = (J.T @ J / B) * _pair_mask(12, 2) + LAM * torch.eye(24, dtype=D)
+    assert approx_curvature_form(pc, names, delta, 0.3) == pytest.approx(float(v @ M @ v),
+                                                                         rel=1e-12)
+    opt = kf.optim.AdaptiveNG(pc, lr=None, momentum=None, damping=LAM)
+    before = norm.weight.detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = _loss(model(X), Y) / B
+        loss.backward()
+        return loss
+
+    opt.step(closure, inputs=X, loss_fn=lambda out: _loss(out, Y) / B)
+    assert torch.isfinite(norm.weight).all() and not torch.equal(norm.weight, before)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -95,7 +96,14 @@ class LayerAdapter:
         ps = self.params()
         if ps[0].grad is None:
             return None
-        return self.layout.to_matrix([p.grad for p in ps])
+        return self.to_matrix([p.grad for p in ps])
+
+    def to_matrix(self, tensors: Sequence[Tensor | None]) -> Tensor:
+        """Θ (d_g, d_a) from tensors shaped like :meth:`params` (a None bias: zeros).
+
+        The inverse of :meth:`split_matrix`; by default the layout's ``to_matrix``.
+        """
+        return self.layout.to_matrix(tensors)
 
     def split_matrix(self, M: Tensor) -> list[Tensor]:
         """A (d_g, d_a) matrix Θ as tensors shaped like :meth:`params` (same order)."""

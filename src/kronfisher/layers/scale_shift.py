@@ -17,6 +17,7 @@ m examples, T positions, C features.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -213,13 +214,9 @@ class ScaleShiftAdapter(LayerAdapter):
         t = to_feature_layout(self.module, grad_out).shape[1]
         return Pairing("shared", (1, t)) if t > 1 else Pairing()
 
-    def grad_matrix(self) -> Tensor | None:
-        """[∇γ ∇β] as (C, k), or None if γ has no gradient (a β without one counts as 0)."""
-        ps = self.params()
-        if ps[0].grad is None:
-            return None
-        return self.layout.to_matrix([None if p.grad is None else p.grad.reshape(-1)
-                                      for p in ps])
+    def to_matrix(self, tensors: Sequence[Tensor | None]) -> Tensor:
+        """[γ β] as (C, k) from tensors shaped like γ and β (a None β: zeros)."""
+        return self.layout.to_matrix([None if t is None else t.reshape(-1) for t in tensors])
 
     def split_matrix(self, M: Tensor) -> list[Tensor]:
         """A (C, k) matrix as tensors shaped like γ and β (same order)."""
