@@ -6,7 +6,7 @@ from torch import nn
 
 from helpers import D
 from kronfisher import KFAC, KPSVD, ExactNG
-from kronfisher.curvature import DEFAULT_BLOCKS, KroneckerBlock, block_class
+from kronfisher.curvature import DEFAULT_BLOCKS, DenseKroneckerBlock, KroneckerBlock, block_class
 from kronfisher.layers import LayerStatistics, Pairing, ParamLayout, adapter_for
 from kronfisher.linalg import KroneckerSum
 
@@ -60,14 +60,17 @@ def test_every_kronecker_layer_gets_a_block_and_overrides_win_by_name_then_kind(
 
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
     pc = KPSVD(model)
-    assert all(type(s.block) is KroneckerBlock for s in pc.layers.values())
+    assert all(type(s.block) is DenseKroneckerBlock for s in pc.layers.values())
+    conv = KPSVD(nn.Sequential(nn.Conv2d(2, 2, 3)))
+    assert type(conv.layers["0"].block) is KroneckerBlock
     pc = KPSVD(model, blocks={"dense": Marked})
     assert all(type(s.block) is Marked for s in pc.layers.values())
     pc = KPSVD(model, blocks={"2": Marked})
-    assert type(pc.layers["2"].block) is Marked and type(pc.layers["0"].block) is KroneckerBlock
+    assert type(pc.layers["2"].block) is Marked
+    assert type(pc.layers["0"].block) is DenseKroneckerBlock
     assert block_class("x", "dense", "kfac", {"x": Marked, "dense": KroneckerBlock}) is Marked
     # the global map is untouched by per-preconditioner overrides
-    assert DEFAULT_BLOCKS[("dense", "kpsvd")] is KroneckerBlock
+    assert DEFAULT_BLOCKS[("dense", "kpsvd")] is DenseKroneckerBlock
     with pytest.raises(ValueError, match="no curvature block for layer kind 'embedding'"):
         block_class("e", "embedding", "kfac")
     with pytest.raises(TypeError, match="CurvatureBlock subclass"):

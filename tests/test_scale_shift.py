@@ -46,6 +46,9 @@ def _case(name: str):
         m = nn.Sequential(nn.Linear(5, 12), nn.Unflatten(1, (4, 3)), nn.LayerNorm(3),
                           nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
         return m, 2, torch.randn(B, 5, dtype=D)
+    if name == "ln_tokens":  # (B, S, d) between Linear layers on (B, S, ·) inputs
+        m = nn.Sequential(nn.Linear(5, 3), nn.LayerNorm(3), nn.Tanh(), nn.Linear(3, 2))
+        return m, 1, torch.randn(B, 4, 5, dtype=D)
     if name == "ln_seq_nobias":
         m = nn.Sequential(nn.Linear(5, 12), nn.Unflatten(1, (4, 3)),
                           nn.LayerNorm(3, bias=False), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
@@ -67,7 +70,7 @@ def _case(name: str):
     return m, 1, torch.randn(B, 2, 5, 4, dtype=D)
 
 
-CASES = ["ln_seq", "ln_seq_nobias", "ln_2d_shape", "bn1d_flat_eval", "bn1d_flat_train",
+CASES = ["ln_seq", "ln_tokens", "ln_seq_nobias", "ln_2d_shape", "bn1d_flat_eval", "bn1d_flat_train",
          "bn1d_seq_eval", "bn1d_seq_train", "bn2d_eval", "bn2d_train", "gn"]
 
 
@@ -76,7 +79,8 @@ def _build(name: str):
     model = model.to(D)
     _randomise(model[i])
     model.train("train" in name)
-    Y = torch.randn(B, 3, dtype=D)
+    with torch.no_grad():
+        Y = torch.randn_like(model(X))
     return model, model[i], i, X, Y
 
 

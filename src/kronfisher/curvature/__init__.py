@@ -1,6 +1,7 @@
 """Curvature: the five methods, the per-layer curvature blocks and their registry."""
 
-from .block import BlockCost, BlockOptions, CurvatureBlock
+from .block import WEIGHT_SHARING, BlockCost, BlockOptions, CurvatureBlock
+from .dense_block import DenseKroneckerBlock
 from .estimator import KroneckerEstimator
 from .kronecker_block import KroneckerBlock
 from .methods import METHODS, approximate, method_rank
@@ -10,5 +11,5 @@ from .scale_shift_block import ScaleShiftBlock
 
 __all__ = ["approximate", "METHODS", "method_rank", "KroneckerEstimator", "CurvatureBlock",
            "BlockOptions", "BlockCost", "KroneckerBlock", "DEFAULT_BLOCKS", "block_class",
-           "register_block", "ScaleShiftBlock", "ScaleShiftCurvature", "ScaleShiftInverse",
-           "SCALE_SHIFT_MODES"]
+           "register_block", "DenseKroneckerBlock", "WEIGHT_SHARING", "ScaleShiftBlock",
+           "ScaleShiftCurvature", "ScaleShiftInverse", "SCALE_SHIFT_MODES"]

@@ -20,7 +20,11 @@ from torch import Tensor
 from ..layers import LayerAdapter, LayerStatistics
 from .estimator import KroneckerEstimator
 
-__all__ = ["CurvatureBlock", "BlockOptions", "BlockCost", "Reporter"]
+__all__ = ["CurvatureBlock", "BlockOptions", "BlockCost", "Reporter", "WEIGHT_SHARING"]
+
+WEIGHT_SHARING = ("expand", "reduce", "exact")
+"""How a layer's positions that share the weight enter its Fisher block (see
+:class:`~kronfisher.curvature.dense_block.DenseKroneckerBlock`)."""
 
 
 class Reporter(Protocol):
@@ -38,13 +42,23 @@ class BlockOptions:
         estimator: the method and its options (validated at construction), with the
             pair-mask cache; see :class:`~kronfisher.curvature.KroneckerEstimator`.
         log: where repeated conditions are reported.
+        weight_sharing: one of :data:`WEIGHT_SHARING`.
         scale_shift: "full" (the 2×2 block per feature) or "diagonal" (its diagonal), for
             scale-and-shift layers (:class:`~kronfisher.curvature.ScaleShiftBlock`).
+
+    Raises:
+        ValueError: an unknown ``weight_sharing``.
     """
 
     estimator: KroneckerEstimator
     log: Reporter
+    weight_sharing: str = "expand"
     scale_shift: str = "full"
+
+    def __post_init__(self) -> None:
+        if self.weight_sharing not in WEIGHT_SHARING:
+            raise ValueError(f"weight_sharing must be one of {WEIGHT_SHARING}, got"
+                             f" {self.weight_sharing!r}")
 
     @property
     def method(self) -> str:

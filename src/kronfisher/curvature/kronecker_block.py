@@ -45,7 +45,14 @@ class KroneckerBlock(CurvatureBlock):
 
     # --------------------------------------------------------------- update
     def mask(self, stats: LayerStatistics) -> Tensor | None:
-        """The (T × T) position-pair mask of these statistics (None: all pairs or T = 1)."""
+        """The (T × T) position-pair mask of these statistics (None: all pairs or T = 1).
+
+        Raises:
+            ValueError: "shared" positions (their pairing is the dense block's).
+        """
+        if stats.pairing.kind == "shared":
+            raise ValueError(f"layer {self.name!r}: {type(self).__name__} does not handle"
+                             " positions that share the weight (a dense layer's block does)")
         return self.options.estimator.pair_mask(stats.pairing.grid, stats.a)
 
     def estimate(self, stats: LayerStatistics, previous: Any) -> KroneckerSum | None:
@@ -55,25 +62,30 @@ class KroneckerBlock(CurvatureBlock):
         solvers; if all fail the layer keeps its previous curvature, or, with none yet,
         gets KFAC's factors (padded with zero terms). Each case is reported to the log.
         """
+        return self.estimate_masked(stats, self.mask(stats), previous)
+
+    def estimate_masked(self, stats: LayerStatistics, mask: Tensor | None, previous: Any
+                        ) -> KroneckerSum | None:
+        """:meth:`estimate` with the position pairs kept given as a (T × T) ``mask``."""
         est, log = self.options.estimator, self.options.log
         old = self.typed(previous)
         try:
-            new = est.estimate_masked(stats.a, stats.g, self.mask(stats), old)
+            new = est.estimate_masked(stats.a, stats.g, mask, old)
         except CurvatureSolveError as e:
             if old is not None:
                 log.report(self.name, "curvature_kept", f"layer {self.name!r}: {e}; this"
                            " curvature batch is dropped and the layer keeps its previous"
-                           " curvature", stacklevel=6)
+                           " curvature", stacklevel=7)
                 return None
             log.report(self.name, "curvature_kept", f"layer {self.name!r}: {e}; no previous"
                        " curvature, so the layer uses KFAC's factors for this batch",
-                       stacklevel=6)
+                       stacklevel=7)
             return est.kfac_fallback(stats.a, stats.g)
         fallback = new.info.get("fallback")
         if isinstance(fallback, SolverFallback):
             log.report(self.name, "solver_fallback", f"layer {self.name!r}: the {est.method}"
                        f" solver failed ({'; '.join(fallback.failed)}); used the"
-                       f" {fallback.used!r} solver instead", stacklevel=6)
+                       f" {fallback.used!r} solver instead", stacklevel=7)
         return new
 
     def average(self, old: Any, new: Any, decay: float) -> KroneckerSum:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 from ..layers import SCALE_SHIFT_KIND
 from .block import CurvatureBlock
+from .dense_block import DenseKroneckerBlock
 from .kronecker_block import KroneckerBlock
 from .methods import METHODS
 from .scale_shift_block import ScaleShiftBlock
@@ -20,8 +21,10 @@ from .scale_shift_block import ScaleShiftBlock
 __all__ = ["DEFAULT_BLOCKS", "register_block", "block_class", "check_overrides"]
 
 DEFAULT_BLOCKS: dict[tuple[str, str], type[CurvatureBlock]] = {
-    (kind, method): KroneckerBlock for kind in ("dense", "conv2d") for method in METHODS
-} | {(SCALE_SHIFT_KIND, method): ScaleShiftBlock for method in METHODS}
+    **{("dense", method): DenseKroneckerBlock for method in METHODS},
+    **{("conv2d", method): KroneckerBlock for method in METHODS},
+    **{(SCALE_SHIFT_KIND, method): ScaleShiftBlock for method in METHODS},
+}
 """(layer kind, method) → block class. Scale-and-shift layers get the same exact
 per-feature block under every method (:class:`ScaleShiftBlock`)."""
 

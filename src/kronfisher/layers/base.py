@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .param_layout import ParamLayout
-from .statistics import Pairing
+from .statistics import LayerStatistics, Pairing
 
 
 class UnsupportedLayerError(ValueError):
@@ -48,6 +48,9 @@ class LayerAdapter:
     inputs_rescalable: ClassVar[bool] = True
     """:meth:`per_example_gradients` is linear in ``a`` (ExactNG may divide ``a`` by a power
     of two before it, exactly); False when it is not (then only ``g`` is rescaled)."""
+    shares_calls: ClassVar[bool] = False
+    """Whether several calls in one forward are positions of the same examples
+    (:meth:`combine_calls`); if not, such a module is refused inside ``collect()``."""
 
     def __init__(self, module: nn.Module) -> None:
         self.check(module)
@@ -82,6 +85,15 @@ class LayerAdapter:
         per-example gradients).
         """
         return per_example_gradients(a, g)
+
+    def combine_calls(self, calls: list[LayerStatistics]) -> LayerStatistics:
+        """The statistics of several calls in one forward, as positions of each example.
+
+        Raises:
+            ValueError: this kind of layer does not share its weight across calls.
+        """
+        raise ValueError(f"{type(self.module).__name__} was called {len(calls)} times in one"
+                         " forward: weight sharing across calls is handled for nn.Linear only")
 
     def params(self) -> list[Tensor]:
         """The weight and (if present) the bias, in gradient-matrix column order."""

@@ -142,7 +142,8 @@ class Preconditioner(UncopyableMixin, CollectMixin, StateDictMixin):
         self._warned_not_fresh: set[str] = set()
         self._hooks = ModelHooks(self, self._forward_hook, self._written.accumulated,
                                  [p for s in self.layers.values()
-                                  for p in s.adapter.params()])
+                                  for p in s.adapter.params()],
+                                 forward_pre=self._forward_pre_hook)
 
     def remove_hooks(self) -> None:
         """Detach the hooks from the model; the preconditioner cannot be used after.

@@ -17,12 +17,18 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from ..layers import LayerStatistics
+from ..layers import LayerStatistics, UnsupportedLayerError
 from ..linalg import all_finite
 from ._checks import as_int
 from .batch import take_batch
 from .hooks import inside_backward
 from .layer_state import Capture, LayerState
+
+
+def backward_id() -> int:
+    """An id of the autograd backward pass running now (-1 if it cannot be told)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return -1 if task is None else int(task())
 
 
 class NonFiniteError(FloatingPointError):
@@ -42,6 +48,9 @@ class CollectMixin:
     _reduction: str
     _batch_size: int | None
     nonfinite: str
+    model: nn.Module
+    _forward_id: int | None = None  # the model forward running inside collect(), if any
+    _forwards: int = 0
 
     def _check_hooks(self, what: str) -> None:
         raise NotImplementedError
@@ -98,10 +107,12 @@ class CollectMixin:
         if self._collecting:
             raise RuntimeError("collect() contexts cannot be nested")
         self._collecting, self._reduction, self._batch_size = active, reduction, batch_size
+        self._forward_id = None
         try:
             yield active
         finally:
             self._collecting = False
+            self._forward_id = None
             for s in self.layers.values():
                 # a recomputation inside a backward (activation checkpointing) that got no
                 # gradient was never part of the batch: drop it without a word
@@ -121,28 +132,62 @@ class CollectMixin:
         """True inside :meth:`collect` while statistics are recorded."""
         return self._collecting
 
+    def _forward_pre_hook(self, module: nn.Module, inputs) -> None:
+        """Called before every module's forward (a global hook): numbers the model's forwards.
+
+        The calls of a registered module inside one forward of the model are positions of
+        the same examples (weight sharing), not more examples.
+        """
+        if module is self.model and self._collecting:
+            self._forwards += 1
+            self._forward_id = self._forwards
+
     def _forward_hook(self, module: nn.Module, inputs, output) -> None:
         """Called for every module's forward (a global hook): records registered ones."""
+        try:
+            self._record(module, inputs, output)
+        finally:
+            if module is self.model:
+                self._forward_id = None  # the model's forward ends (after its own record)
+
+    def _record(self, module: nn.Module, inputs, output) -> None:
         if not self._collecting or not torch.is_grad_enabled():
             return
         state = self._by_module.get(id(module))
         if state is None or not isinstance(output, Tensor) or not output.requires_grad:
             return
-        cap = Capture(a=state.adapter.inputs(inputs[0]),
-                      during_backward=inside_backward())
+        forward, call = self._forward_id, 0
+        if forward is not None:
+            call = sum(1 for c in state.captures if c.forward == forward and c.backward == -1)
+            if call and not state.adapter.shares_calls:
+                for s in self.layers.values():  # this curvature batch is refused as a whole
+                    s.captures = []
+                raise UnsupportedLayerError(
+                    f"layer {state.name!r} ({type(module).__name__}) is called more than once"
+                    " in one forward of the model inside collect(); its calls are not"
+                    " separate examples, and weight sharing across calls is handled for"
+                    " nn.Linear only (the curvature batch is dropped)")
+        cap = Capture(a=state.adapter.inputs(inputs[0]), during_backward=inside_backward(),
+                      forward=forward, call=call)
         state.captures.append(cap)
         n = self._batch_size or inputs[0].shape[0]
         scale = float(n) if self._reduction == "mean" else 1.0
+
+        passes = [0]  # backwards through this call so far (if the pass has no id)
 
         def grad_hook(grad: Tensor) -> None:
             if not self._collecting:
                 return
             g = state.adapter.output_grads(grad) * scale
             pairing = state.adapter.pairing(grad)
+            bid = backward_id()
+            bid, passes[0] = (bid if bid >= 0 else passes[0]), passes[0] + 1
             if cap.g is None:
-                cap.g, cap.pairing = g, pairing
+                cap.g, cap.pairing, cap.backward = g, pairing, bid
             else:  # another backward through the same forward: another pass over it
-                state.captures.append(Capture(a=cap.a, pairing=pairing, g=g))
+                state.captures.append(Capture(a=cap.a, pairing=pairing, g=g,
+                                              forward=cap.forward, call=cap.call,
+                                              backward=bid))
 
         output.register_hook(grad_hook)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..curvature import BlockOptions, CurvatureBlock, KroneckerEstimator
+from ..curvature import WEIGHT_SHARING, BlockOptions, CurvatureBlock, KroneckerEstimator
 from ..curvature.registry import block_class, check_overrides
 from ..curvature.scale_shift import check_scale_shift_mode
 from ..layers import LayerStatistics
@@ -49,6 +49,13 @@ class KroneckerPreconditioner(Preconditioner):
         kl_clip_mode: "lr2" or "authors" (see :class:`Preconditioner`).
         ema_counter: "updates" or "steps" (see :class:`Preconditioner`).
         tol, max_iter: solver tolerance (relative) and iteration cap.
+        weight_sharing: how the positions of a Linear layer on inputs (B, …, d_in) (or the
+            calls of one Linear module in one forward) enter its Fisher block: "expand"
+            (default; positions as tokens, normalised by the examples), "reduce" (inputs
+            averaged and output gradients summed over positions) or "exact" (the exact
+            block, all pairs of positions of an example; KFAC then uses "expand"'s
+            factors). See :class:`~kronfisher.curvature.DenseKroneckerBlock`. A 2-D
+            input has one position: every mode is the same there.
         scale_shift: the block of scale-and-shift layers (LayerNorm, BatchNorm1d/2d,
             GroupNorm; the same for every method): "full" (the exact 2×2 Fisher block of
             (γ_j, β_j) per feature) or "diagonal" (its diagonal). Their damped matrix is
@@ -90,6 +97,7 @@ class KroneckerPreconditioner(Preconditioner):
         nonfinite: str = "skip",
         kl_clip_mode: str = "lr2",
         ema_counter: str = "updates",
+        weight_sharing: str = "expand",
         blocks: Mapping[str, type[CurvatureBlock]] | None = None,
         scale_shift: str = "full",
     ):
@@ -102,6 +110,10 @@ class KroneckerPreconditioner(Preconditioner):
             max_iter=max_iter,
         )
         overrides = check_overrides(blocks)
+        if weight_sharing not in WEIGHT_SHARING:
+            raise ValueError(f"weight_sharing must be one of {WEIGHT_SHARING}, got"
+                             f" {weight_sharing!r}")
+        self.weight_sharing = weight_sharing
         self.method = method
         self.damping_scheme = damping_scheme
         self.warning_log = WarningLog()
@@ -110,7 +122,8 @@ class KroneckerPreconditioner(Preconditioner):
             inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
             kl_clip_mode=kl_clip_mode, ema_counter=ema_counter,
         )
-        options = BlockOptions(self.estimator, self.warning_log, self.scale_shift)
+        options = BlockOptions(self.estimator, self.warning_log, weight_sharing,
+                               self.scale_shift)
         for s in self.layers.values():
             cls = block_class(s.name, s.adapter.kind, method, overrides)
             s.block = cls(s.name, s.adapter, options)
@@ -186,7 +199,7 @@ class KroneckerPreconditioner(Preconditioner):
     def _extra_state(self) -> dict:
         return {"kind": "kronecker", "method": self.method, "damping_scheme": self.damping_scheme,
                 "rank": self.estimator.rank, "conv_radius": self.estimator.conv_radius,
-                "scale_shift": self.scale_shift}
+                "weight_sharing": self.weight_sharing, "scale_shift": self.scale_shift}
 
     def _check_extra_state(self, extra: dict) -> dict:
         kind = state_kind(extra)
@@ -202,6 +215,7 @@ class KroneckerPreconditioner(Preconditioner):
                 " is not the curvature of another)")
         for key, mine in (("rank", self.estimator.rank),
                           ("conv_radius", self.estimator.conv_radius),
+                          ("weight_sharing", self.weight_sharing),
                           ("scale_shift", self.scale_shift)):
             if key in extra and extra[key] != mine:
                 raise ValueError(f"state_dict was made with {key}={extra[key]!r}, this"

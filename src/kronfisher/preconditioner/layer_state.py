@@ -27,12 +27,20 @@ class Capture:
         during_backward: the forward ran inside a backward (activation checkpointing
             recomputes it there; without reentrant checkpointing its output never gets a
             gradient, and such a capture is dropped without a warning).
+        forward: which forward of the model (counted inside ``collect()``) made the call;
+            None for a call outside the model's forward (a submodule called directly).
+        call: the call's index among the module's calls in that forward (0, 1, …): calls
+            of one forward are positions of the same examples (weight sharing).
+        backward: the autograd backward pass that produced ``g`` (-1 before).
     """
 
     a: Tensor
     pairing: Pairing = field(default_factory=Pairing)
     g: Tensor | None = None
     during_backward: bool = False
+    forward: int | None = None
+    call: int = 0
+    backward: int = -1
 
 
 class Factorization(Protocol):

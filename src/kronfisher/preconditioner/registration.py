@@ -9,7 +9,7 @@ from torch import nn
 from ..layers import ADAPTERS, UnsupportedLayerError, adapter_for
 from .layer_state import LayerState
 
-__all__ = ["Registration", "register_layers"]
+__all__ = ["Registration", "register_layers", "refuse_shared_parameters"]
 
 
 @dataclass
@@ -55,4 +55,30 @@ def register_layers(model: nn.Module) -> Registration:
             if isinstance(module, tuple(ADAPTERS)):
                 why += " (subclasses of supported layers are not assumed to behave alike)"
             reg.skip(name, own, why)
+    refuse_shared_parameters(model, reg)
     return reg
+
+
+def refuse_shared_parameters(model: nn.Module, reg: Registration) -> None:
+    """Raise if a registered layer's parameter is also held by another module.
+
+    One Parameter in two modules (tied weights) has one ``.grad``, the sum of both uses'
+    gradients: preconditioning it with one layer's curvature (or twice, once per layer,
+    the second write overwriting the first) is not natural gradient of either.
+
+    Raises:
+        UnsupportedLayerError: naming the parameter's modules.
+    """
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
+    for s in reg.layers.values():
+        for p in s.adapter.params():
+            held = owners.get(id(p), [])
+            if len(held) > 1:
+                raise UnsupportedLayerError(
+                    f"one Parameter is shared by modules {held} (tied weights): the"
+                    " preconditioner cannot precondition a parameter that several modules"
+                    " use with one layer's curvature; untie the weights or leave the"
+                    " modules out of the model given to the preconditioner")
