@@ -246,6 +246,8 @@ def test_bad_modules_and_inputs_are_refused_with_the_reason():
         normalized_input(nn.LayerNorm(3), torch.randn(3))
     with pytest.raises(UnsupportedLayerError, match="not a scale-and-shift"):
         normalized_input(nn.Linear(3, 3), torch.randn(2, 3))
+    mixed = scale_shift_grads(torch.ones(2, 1, 3), torch.ones(2, 1, 3, dtype=torch.bfloat16), True)
+    assert mixed.scale.dtype == mixed.shift.dtype == torch.float32
     with pytest.raises(ValueError, match="one shape"):
         scale_shift_grads(torch.zeros(2, 1, 3), torch.zeros(2, 2, 3), True)
     with pytest.raises(ValueError, match="scale_shift must be one of"):

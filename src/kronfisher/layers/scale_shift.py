@@ -167,12 +167,17 @@ def scale_shift_grads(xhat: Tensor, g: Tensor, has_shift: bool) -> ScaleShiftGra
         g: the scaled output gradients as (m, T, C).
         has_shift: whether the module has a shift β (else ``shift`` is None).
 
+    Of two dtypes, both are promoted to the wider one.
+
     Raises:
         ValueError: ``xhat`` and ``g`` are not both (m, T, C) of one shape.
     """
     if xhat.ndim != 3 or xhat.shape != g.shape:
         raise ValueError(f"x̂ and g must both be (m, T, C) of one shape, got"
                          f" {tuple(xhat.shape)} and {tuple(g.shape)}")
+    if xhat.dtype != g.dtype:  # e.g. autocast: a float32 normalisation, bfloat16 gradients
+        dtype = torch.promote_types(xhat.dtype, g.dtype)
+        xhat, g = xhat.to(dtype), g.to(dtype)
     return ScaleShiftGrads(scale=torch.einsum("mtc,mtc->mc", xhat, g),
                            shift=g.sum(1) if has_shift else None)
 
