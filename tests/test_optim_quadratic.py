@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev
 
 import kronfisher as kf
-from helpers import D, spd, vec
+from helpers import Affine, D, spd, vec
 from kronfisher.optim import QuadraticModel, approx_curvature_form, ggn_gram, layer_matrix
 from kronfisher.optim import solve_model as solve
 
@@ -285,7 +285,7 @@ def test_layer_matrix_matches_the_adapters_gradient_matrix():
 
 def test_approx_form_uses_the_layer_curvature_and_damping_elsewhere():
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    model = nn.Sequential(nn.Linear(4, 5), Affine(5), nn.Tanh(), nn.Linear(5, 3)).double()
     pc = kf.KFAC(model, damping=0.2, damping_scheme="factored")
     assert "1.weight" in " ".join(pc.skipped)
     collected(pc, model, torch.randn(12, 4, dtype=D))

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp
 
+from .curvature import ScaleShiftCurvature
 from .layers import LayerAdapter
 from .linalg import KroneckerSum
 from .linalg.diagonal_kronecker import DiagonalKroneckerSum
@@ -99,15 +100,18 @@ def random_directions(shape: tuple[int, int], n: int, *, generator: torch.Genera
     return V.to(dtype=dtype, device=device)
 
 
-def curvature_quadratic_form(curvature: KroneckerSum | DiagonalKroneckerSum | Tensor,
-                             V: Tensor) -> Tensor:
+def curvature_quadratic_form(
+        curvature: KroneckerSum | DiagonalKroneckerSum | ScaleShiftCurvature | Tensor,
+        V: Tensor) -> Tensor:
     """vec(V)ᵀ F̂ vec(V) for each V in (n, d_g, d_a), in float64.
 
     ``curvature``: a :class:`KroneckerSum` (Σ ⟨V, G_k V A_kᵀ⟩), an embedding's
-    :class:`DiagonalKroneckerSum` or a dense block in the column-stacking vec convention
-    (ExactNG).
+    :class:`DiagonalKroneckerSum`, a scale-and-shift layer's per-feature blocks, or a dense
+    block in the column-stacking vec convention (ExactNG).
     """
     V = V.double()
+    if isinstance(curvature, ScaleShiftCurvature):  # Σ_j V_jᵀ F_j V_j, V_j = row j of V
+        return torch.einsum("ncp,cpq,ncq->n", V, curvature.blocks.double(), V)
     if isinstance(curvature, KroneckerSum | DiagonalKroneckerSum):
         ks = type(curvature)([(A.double(), G.double()) for A, G in curvature.terms])
         return (V * ks.matvec(V)).flatten(1).sum(1)
@@ -115,7 +119,8 @@ def curvature_quadratic_form(curvature: KroneckerSum | DiagonalKroneckerSum | Te
     return ((v @ curvature.double()) * v).sum(1)
 
 
-def top_eigenvalue(curvature: KroneckerSum | DiagonalKroneckerSum | Tensor, *,
+def top_eigenvalue(curvature: KroneckerSum | DiagonalKroneckerSum | ScaleShiftCurvature
+                   | Tensor, *,
                    generator: torch.Generator | None = None,
                    steps: int = LANCZOS_STEPS) -> float:
     """The largest-magnitude eigenvalue of the undamped curvature (float64).
@@ -125,6 +130,8 @@ def top_eigenvalue(curvature: KroneckerSum | DiagonalKroneckerSum | Tensor, *,
     Lanczos on :meth:`KroneckerSum.matvec` from a random start (``generator``), with full
     reorthogonalisation, stopped when the extreme Ritz value changes by < LANCZOS_RTOL.
     """
+    if isinstance(curvature, ScaleShiftCurvature):  # the blocks' eigenvalues are F̂'s
+        return float(torch.linalg.eigvalsh(curvature.blocks.double()).abs().max())
     if not isinstance(curvature, KroneckerSum | DiagonalKroneckerSum):
         return float(torch.linalg.eigvalsh(curvature.double()).abs().max())
     terms = [(A.double(), G.double()) for A, G in curvature.terms]

@@ -60,6 +60,8 @@ class BlockOptions:
             pair-mask cache; see :class:`~kronfisher.curvature.KroneckerEstimator`.
         log: where repeated conditions are reported.
         weight_sharing: one of :data:`WEIGHT_SHARING`.
+        scale_shift: "full" (the 2×2 block per feature) or "diagonal" (its diagonal), for
+            scale-and-shift layers (:class:`~kronfisher.curvature.ScaleShiftBlock`).
         sync: data parallel, where the Kronecker blocks' estimates run (a preconditioner's
             ``sync``); None: the estimator, on this process's batch.
 
@@ -70,6 +72,7 @@ class BlockOptions:
     estimator: KroneckerEstimator
     log: Reporter
     weight_sharing: str = "expand"
+    scale_shift: str = "full"
     sync: StatisticsSync | None = None
 
     def __post_init__(self) -> None:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ..layers import SCALE_SHIFT_KIND
 from .block import CurvatureBlock
 from .dense_block import DenseKroneckerBlock
 from .embedding_block import EmbeddingBlock
 from .kronecker_block import KroneckerBlock
 from .methods import METHODS
+from .scale_shift_block import ScaleShiftBlock
 
 __all__ = ["DEFAULT_BLOCKS", "register_block", "block_class", "check_overrides"]
 
@@ -23,8 +25,10 @@ DEFAULT_BLOCKS: dict[tuple[str, str], type[CurvatureBlock]] = {
     **{("dense", method): DenseKroneckerBlock for method in METHODS},
     **{("conv2d", method): KroneckerBlock for method in METHODS},
     **{("embedding", method): EmbeddingBlock for method in METHODS},
+    **{(SCALE_SHIFT_KIND, method): ScaleShiftBlock for method in METHODS},
 }
-"""(layer kind, method) → block class."""
+"""(layer kind, method) → block class. Scale-and-shift layers get the same exact
+per-feature block under every method (:class:`ScaleShiftBlock`)."""
 
 
 def register_block(kind: str, block: type[CurvatureBlock],

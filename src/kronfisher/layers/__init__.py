@@ -7,7 +7,7 @@ the layer's :class:`ParamLayout` (the one home of the [W b] layout).
 
 from __future__ import annotations
 
-from .base import LayerAdapter, UnsupportedLayerError, append_ones
+from .base import LayerAdapter, UnsupportedLayerError, append_ones, per_example_gradients
 from .conv2d import Conv2dAdapter
 from .embedding import EmbeddingAdapter
 from .linear import LinearAdapter
@@ -20,6 +20,7 @@ from .registry import (
     register_adapter,
     resolve,
 )
+from .scale_shift import SCALE_SHIFT_KIND, SCALE_SHIFT_TYPES, ScaleShiftAdapter
 from .statistics import PAIRINGS, LayerStatistics, Pairing
 
 __all__ = [
@@ -32,6 +33,10 @@ __all__ = [
     "register_adapter",
     "check_adapters",
     "resolve",
+    "ScaleShiftAdapter",
+    "SCALE_SHIFT_KIND",
+    "SCALE_SHIFT_TYPES",
+    "per_example_gradients",
     "UnsupportedLayerError",
     "adapter_for",
     "append_ones",

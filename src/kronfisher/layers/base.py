@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -44,6 +45,9 @@ class LayerAdapter:
     """
 
     kind: ClassVar[str] = ""
+    inputs_rescalable: ClassVar[bool] = True
+    """:meth:`per_example_gradients` is linear in ``a`` (ExactNG may divide ``a`` by a power
+    of two before it, exactly); False when it is not (then only ``g`` is rescaled)."""
     shares_calls: ClassVar[bool] = False
     """Whether several calls in one forward are positions of the same examples
     (:meth:`combine_calls`); if not, such a module is refused inside ``collect()``."""
@@ -100,13 +104,16 @@ class LayerAdapter:
         return Pairing()
 
     def per_example_gradients(self, a: Tensor, g: Tensor) -> Tensor:
-        """vec(Σ_t g_t a_tᵀ) for each example, (m, d_a·d_g), column stacking (ExactNG).
+        """vec(Θ's gradient) of each example, (m, d_g·d_a), column stacking (ExactNG).
+
+        Default: vec(Σ_t g_t a_tᵀ) (:func:`per_example_gradients`).
 
         Args:
-            a: the statistics' inputs as :meth:`inputs` returns them (possibly rescaled).
+            a: the statistics' inputs as :meth:`inputs` returns them (possibly rescaled,
+                see :attr:`inputs_rescalable`).
             g: (m, T, d_g) output gradients.
         """
-        return torch.einsum("ita,itg->iag", a, g).reshape(a.shape[0], -1)
+        return per_example_gradients(a, g)
 
     def combine_calls(self, calls: list[LayerStatistics]) -> LayerStatistics:
         """The statistics of several calls in one forward, as positions of each example.
@@ -130,7 +137,14 @@ class LayerAdapter:
         ps = self.params()
         if ps[0].grad is None:
             return None
-        return self.layout.to_matrix([p.grad for p in ps])
+        return self.to_matrix([p.grad for p in ps])
+
+    def to_matrix(self, tensors: Sequence[Tensor | None]) -> Tensor:
+        """Θ (d_g, d_a) from tensors shaped like :meth:`params` (a None bias: zeros).
+
+        The inverse of :meth:`split_matrix`; by default the layout's ``to_matrix``.
+        """
+        return self.layout.to_matrix(tensors)
 
     def split_matrix(self, M: Tensor) -> list[Tensor]:
         """A (d_g, d_a) matrix Θ as tensors shaped like :meth:`params` (same order)."""
@@ -155,6 +169,11 @@ def _own(t: Tensor, M: Tensor) -> Tensor:
     if t.untyped_storage().data_ptr() == M.untyped_storage().data_ptr():
         return t.clone()
     return t
+
+
+def per_example_gradients(a: Tensor, g: Tensor) -> Tensor:
+    """vec(Σ_t g_{it} a_{it}ᵀ) for each example: (m, d_a·d_g), column-stacking vec."""
+    return torch.einsum("ita,itg->iag", a, g).reshape(a.shape[0], -1)
 
 
 def append_ones(x: Tensor) -> Tensor:

@@ -20,12 +20,14 @@ from .base import LayerAdapter, UnsupportedLayerError
 from .conv2d import Conv2dAdapter
 from .embedding import EmbeddingAdapter
 from .linear import LinearAdapter
+from .scale_shift import SCALE_SHIFT_TYPES, ScaleShiftAdapter
 
 __all__ = ["ADAPTERS", "AdapterChoice", "register_adapter", "check_adapters", "resolve",
            "adapter_for"]
 
 ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {
-    nn.Linear: LinearAdapter, nn.Conv2d: Conv2dAdapter, nn.Embedding: EmbeddingAdapter}
+    nn.Linear: LinearAdapter, nn.Conv2d: Conv2dAdapter, nn.Embedding: EmbeddingAdapter,
+    **{t: ScaleShiftAdapter for t in SCALE_SHIFT_TYPES}}
 """The global map: module type → adapter class (see :func:`register_adapter`)."""
 
 

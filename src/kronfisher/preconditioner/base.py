@@ -63,7 +63,8 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
 
     Args:
         model: the network; every module with an adapter (``nn.Linear``, ``nn.Conv2d``,
-            ``nn.Embedding`` and whatever :func:`kronfisher.register_adapter` added;
+            ``nn.Embedding``, affine ``nn.LayerNorm``, ``nn.BatchNorm1d/2d``,
+            ``nn.GroupNorm`` and whatever :func:`kronfisher.register_adapter` added;
             subclasses that keep the parent's ``forward``) in a supported configuration
             is registered, all other trainable parameters are left untouched
             and listed in :attr:`skipped` with the reason in :attr:`skip_reasons` (decided
@@ -167,8 +168,9 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
         self.skip_reasons: dict[str, str] = reg.skip_reasons
         if not self.layers:
             raise UnsupportedLayerError(
-                "the model has no supported layer (nn.Linear, nn.Conv2d, nn.Embedding or a"
-                f" registered adapter's type) to precondition (skipped: {self.skip_reasons})")
+                "the model has no supported layer (nn.Linear, nn.Conv2d, nn.Embedding,"
+                " nn.LayerNorm, nn.BatchNorm1d/2d, nn.GroupNorm or a registered adapter's"
+                f" type) to precondition (skipped: {self.skip_reasons})")
         self._by_module = {id(s.module): s for s in self.layers.values()}
         self._collecting = False
         self._reduction = "mean"

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature.estimator import pow2_scale
-from ..layers import LayerAdapter, LayerStatistics
+from ..layers import LayerAdapter, LayerStatistics, per_example_gradients
 from ..linalg import SingularFactorError
 from ..linalg.numerics import all_finite, eigh
 from ._checks import as_int, check_damping, grad_matrix_shape, typed_curvature
@@ -55,26 +55,25 @@ class FullFisherInverse:
     step: int
 
 
-def per_example_gradients(a: Tensor, g: Tensor) -> Tensor:
-    """vec(Σ_t g_{it} a_{it}ᵀ) for each example: (m, d_a·d_g), column-stacking vec."""
-    return torch.einsum("ita,itg->iag", a, g).reshape(a.shape[0], -1)
+def _scaled_jacobian(state: LayerState, stats: LayerStatistics) -> tuple[Tensor, float]:
+    """(J/c, c): the layer's per-example gradients divided by a power of two c (exact).
 
-
-def _scaled_jacobian(adapter: LayerAdapter, a: Tensor, g: Tensor) -> tuple[Tensor, float]:
-    """(J/c, c): the adapter's per-example gradients divided by a power of two c (exact).
-
-    float16 and bfloat16 statistics are promoted to float32 (LAPACK has no half-precision
-    eigh); the scaling keeps JᵀJ from overflowing before it is scaled back by c². Integer
-    inputs (an embedding's token ids) are indices, never scaled.
+    J comes from the layer's adapter (vec(Σ_t g aᵀ) for dense and conv layers, an
+    embedding's from its token ids, [dγ; dβ] for scale-and-shift layers). float16 and
+    bfloat16 statistics are promoted to float32 (LAPACK has no half-precision eigh); the
+    scaling keeps JᵀJ from overflowing before it is scaled back by c². ``a`` is rescaled
+    only where J is linear in it; integer inputs (an embedding's token ids) are indices,
+    never scaled.
     """
+    a, g = stats.a, stats.g
     low = (torch.float16, torch.bfloat16)
     if g.dtype in low:
         g = g.float()
     if a.dtype in low:
         a = a.float()
-    sa = pow2_scale(a) if a.is_floating_point() else 1.0
+    sa = pow2_scale(a) if a.is_floating_point() and state.adapter.inputs_rescalable else 1.0
     sg = pow2_scale(g)
-    return adapter.per_example_gradients(a / sa if sa != 1.0 else a, g / sg), sa * sg
+    return state.adapter.per_example_gradients(a / sa if sa != 1.0 else a, g / sg), sa * sg
 
 
 def _fisher(Js: list[tuple[Tensor, float]]) -> Tensor:
@@ -105,7 +104,9 @@ class ExactNG(Preconditioner):
     the full Fisher, cross-layer blocks included. Per-example gradients come from the
     same captured (a, g) as the Kronecker methods, by each adapter's
     ``per_example_gradients`` (exact for Linear and Conv2d; for an embedding all its
-    positions are summed per example, so its block is the exact one, not "expand"). The
+    positions are summed per example, so its block is the exact one, not "expand"; for a
+    scale-and-shift layer [dγ; dβ], so its block is the whole (2C × 2C) Fisher of its
+    parameters, not only the per-feature 2×2 blocks the Kronecker preconditioners use). The
     update is (F + λI)⁻¹ ∇, via an eigendecomposition refreshed every
     ``inv_update_freq`` steps. Refuses models whose registered layers have more than
     ``max_params`` parameters (the dense Fisher has that size squared). float16/bfloat16
@@ -170,7 +171,7 @@ class ExactNG(Preconditioner):
     def _update_curvature(self, batch: dict[LayerState, LayerStatistics]) -> None:
         if self.block_diagonal:
             for s, stats in batch.items():
-                F = _fisher([_scaled_jacobian(s.adapter, stats.a, stats.g)])
+                F = _fisher([_scaled_jacobian(s, stats)])
                 rho = self._decay(s)
                 old = _dense_curvature(s)
                 s.curvature = F if old is None or rho == 0 else rho * old + (1 - rho) * F
@@ -184,7 +185,7 @@ class ExactNG(Preconditioner):
         ms = {stats.m for stats in batch.values()}
         if len(ms) != 1:
             raise RuntimeError("all layers must see the same examples for the full Fisher")
-        F = _fisher([_scaled_jacobian(s.adapter, stats.a, stats.g) for s, stats in
+        F = _fisher([_scaled_jacobian(s, stats) for s, stats in
                      sorted(batch.items(), key=lambda kv: self._offsets[kv[0].name][0])])
         if not all_finite(F):
             bad = [n for n, (lo, hi) in self._offsets.items()

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..curvature import WEIGHT_SHARING, BlockOptions, CurvatureBlock, KroneckerEstimator
 from ..curvature.kronecker_block import KroneckerBlock
 from ..curvature.registry import block_class, check_overrides
+from ..curvature.scale_shift import check_scale_shift_mode
 from ..layers import LayerAdapter, LayerStatistics
 from ..linalg import SCHEMES
 from .base import LayerState, Preconditioner
@@ -58,6 +59,10 @@ class KroneckerPreconditioner(Preconditioner):
             block, all pairs of positions of an example; KFAC then uses "expand"'s
             factors). See :class:`~kronfisher.curvature.DenseKroneckerBlock`. A 2-D
             input has one position: every mode is the same there.
+        scale_shift: the block of scale-and-shift layers (LayerNorm, BatchNorm1d/2d,
+            GroupNorm; the same for every method): "full" (the exact 2×2 Fisher block of
+            (γ_j, β_j) per feature) or "diagonal" (its diagonal). Their damped matrix is
+            F_j + λI under every ``damping_scheme``.
         blocks: overrides of the curvature block per layer name or layer kind (a name
             wins over a kind; the default map is
             :data:`~kronfisher.curvature.DEFAULT_BLOCKS`).
@@ -102,8 +107,10 @@ class KroneckerPreconditioner(Preconditioner):
         weight_sharing: str = "expand",
         blocks: Mapping[str, type[CurvatureBlock]] | None = None,
         adapters: Mapping[type[nn.Module], type[LayerAdapter]] | None = None,
+        scale_shift: str = "full",
     ):
         method = method or self.method
+        self.scale_shift = check_scale_shift_mode(scale_shift)
         if damping_scheme not in SCHEMES:
             raise ValueError(f"damping_scheme must be one of {SCHEMES}, got {damping_scheme!r}")
         self.estimator = KroneckerEstimator(
@@ -124,7 +131,8 @@ class KroneckerPreconditioner(Preconditioner):
             kl_clip_mode=kl_clip_mode, ema_counter=ema_counter, skip_layers=skip_layers,
             process_group=process_group, adapters=adapters,
         )
-        options = BlockOptions(self.estimator, self.warning_log, weight_sharing, self.sync)
+        options = BlockOptions(self.estimator, self.warning_log, weight_sharing,
+                               scale_shift=self.scale_shift, sync=self.sync)
         for s in self.layers.values():
             cls = block_class(s.name, s.adapter.kind, method, overrides)
             s.block = cls(s.name, s.adapter, options)
@@ -210,7 +218,8 @@ class KroneckerPreconditioner(Preconditioner):
     def _extra_state(self) -> dict:
         return {"kind": "kronecker", "method": self.method, "damping_scheme": self.damping_scheme,
                 "solver": self.estimator.solver, "rank": self.estimator.rank,
-                "conv_radius": self.estimator.conv_radius, "weight_sharing": self.weight_sharing}
+                "conv_radius": self.estimator.conv_radius, "weight_sharing": self.weight_sharing,
+                "scale_shift": self.scale_shift}
 
     def _check_extra_state(self, extra: dict) -> dict:
         kind = state_kind(extra)
@@ -226,7 +235,8 @@ class KroneckerPreconditioner(Preconditioner):
                 " is not the curvature of another)")
         for key, mine in (("rank", self.estimator.rank),
                           ("conv_radius", self.estimator.conv_radius),
-                          ("weight_sharing", self.weight_sharing)):
+                          ("weight_sharing", self.weight_sharing),
+                          ("scale_shift", self.scale_shift)):
             if key in extra and extra[key] != mine:
                 raise ValueError(f"state_dict was made with {key}={extra[key]!r}, this"
                                  f" {type(self).__name__} has {key}={mine!r}")
