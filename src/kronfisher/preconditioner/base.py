@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from ..distributed import make_sync, unwrap_model
 from ..layers import LayerAdapter, UnsupportedLayerError, check_adapters
 from ._checks import KL_CLIP_MODES, checked_options, nonfinite_names
+from .access import LayerAccessMixin
 from .casting import follow_module
 from .collecting import CollectMixin, HookError, NonFiniteError
 from .copying import UncopyableMixin
@@ -58,7 +59,8 @@ from .written import WrittenGrads
 __all__ = ["Preconditioner", "LayerState", "NonFiniteError", "KL_CLIP_MODES"]
 
 
-class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, StateDictMixin):
+class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, StateDictMixin,
+                     LayerAccessMixin):
     """Base class of all natural-gradient preconditioners (see module docstring).
 
     Args:
@@ -361,47 +363,6 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
 
     def _precondition(self, grads: dict[LayerState, Tensor]) -> dict[LayerState, Tensor]:
         raise NotImplementedError
-
-    # ------------------------------------------------------------------ access
-    def _state_of(self, module: nn.Module) -> LayerState:
-        s = self._by_module.get(id(module))
-        if s is None:
-            raise KeyError(
-                f"{type(module).__name__} module is not registered with this preconditioner"
-            )
-        return s
-
-    def _registered(self, name: str) -> LayerState:
-        s = self.layers.get(name)
-        if s is None:
-            raise KeyError(f"{name!r} is not a registered layer (registered:"
-                           f" {sorted(self.layers)})")
-        return s
-
-    def curvature(self, module: nn.Module):
-        """The layer's current curvature (after the running average)."""
-        return self._state_of(module).curvature
-
-    def curvature_product(self, mats: dict[str, Tensor]) -> dict[str, Tensor]:
-        """M vec(V) for each layer, M the damped curvature the current factorisation inverts.
-
-        So that the preconditioned gradient :meth:`step` writes is Δ = M⁻¹ ∇ (before any
-        KL clipping); ``kronfisher.optim`` uses it for the quadratic model of its damping
-        rule.
-
-        Args:
-            mats: layer name (a key of :attr:`layers`) → V of the layer's gradient-matrix
-                shape (d_g, d_a) (weight reshaped to (d_g, ·), bias last column).
-
-        Returns:
-            layer name → M vec(V) in the same matrix form and dtype.
-
-        Raises:
-            KeyError: a name that is not a registered layer.
-            RuntimeError: a layer without a factorisation yet (before the first
-                :meth:`step`).
-        """
-        raise NotImplementedError(f"{type(self).__name__} does not implement curvature_product")
 
     def __repr__(self) -> str:
         return (
