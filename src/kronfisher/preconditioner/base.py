@@ -49,6 +49,7 @@ from .hooks import ModelHooks
 from .hyper import HyperMixin
 from .layer_state import LayerState
 from .lifecycle import LifecycleMixin
+from .mixed_precision import GradScalerLike, MixedPrecisionMixin
 from .registration import SkipLayers, register_layers
 from .schedule import scheduled_damping, scheduled_lr
 from .state import StateDictMixin
@@ -57,7 +58,8 @@ from .written import WrittenGrads
 __all__ = ["Preconditioner", "LayerState", "NonFiniteError", "KL_CLIP_MODES"]
 
 
-class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, StateDictMixin):
+class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, MixedPrecisionMixin,
+                     CollectMixin, StateDictMixin):
     """Base class of all natural-gradient preconditioners (see module docstring).
 
     Args:
@@ -105,6 +107,15 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
             classes (instances of them) to leave out: their trainable parameters are listed
             in :attr:`skipped` with the reason "skipped by skip_layers". An unknown name
             raises ``ValueError``.
+        factor_dtype: the dtype statistics are cast to in the hooks and the curvature is
+            accumulated and decomposed in: torch.float32 or torch.float64. Default: float32
+            for float16/bfloat16 modules or statistics (``torch.autocast``), else the
+            module's dtype. Preconditioned gradients are written in each parameter's dtype.
+        grad_scaler: a ``torch.amp.GradScaler`` (or a callable returning the loss scale)
+            whose scaled losses are backpropagated inside :meth:`collect`: the captured
+            gradients are divided by its scale. ``step()`` then checks the loop order
+            (:data:`~.mixed_precision.LOOP_ORDER`) and treats non-finite gradients as the
+            scaler's overflow step (dropped quietly, see :mod:`.mixed_precision`).
 
     Use as a context manager (``with KPSVD(model) as precond:``) or call :meth:`close` to
     remove the hooks.
@@ -124,9 +135,12 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
         kl_clip_mode: str = "lr2",
         ema_counter: str = "updates",
         skip_layers: Iterable[str | type[nn.Module]] | None = None,
+        factor_dtype: torch.dtype | None = None,
+        grad_scaler: GradScalerLike | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError("model must be a torch.nn.Module")
+        self._init_mixed_precision(factor_dtype, grad_scaler)
         self.steps = 0
         self._damping = scheduled_damping(damping)
         self._lr = scheduled_lr(lr)
@@ -189,7 +203,9 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
                 ``.grad`` the previous ``step()`` wrote (no backward in between:
                 preconditioning it again would apply the curvature twice); no curvature
                 yet; called after :meth:`remove_hooks`; a registered layer's weight or bias
-                was frozen or unfrozen after construction.
+                was frozen or unfrozen after construction; with a GradScaler as
+                ``grad_scaler``, gradients not unscaled yet or ``scaler.step()`` already
+                run (see :mod:`.mixed_precision`).
             ValueError: a ``damping`` or ``lr`` callable returned a bad value, or an
                 optimizer given as ``lr`` has a param group whose lr is not >= 0.
             ValueError: the curvature batch recorded inside ``collect()`` has no examples
@@ -197,6 +213,7 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
             NonFiniteError: with ``nonfinite="raise"``, a NaN/Inf gradient or statistic.
         """
         self._check_hooks("step()")
+        self._loss_scale.check_order(type(self).__name__)
         changed = [n for s in self.layers.values() for n in frozen_changed(s)]
         if changed:
             raise RuntimeError(
@@ -213,8 +230,10 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
             if bad:
                 return self._reject(f"non-finite gradient in parameter(s) {bad}")
             return self._skip(sorted_grads.nothing_fresh())
+        if self._scaler_overflow():
+            return False
         t0 = time.perf_counter()
-        casted = [s for s in self.layers.values() if follow_module(s)]
+        casted = [s for s in self.layers.values() if follow_module(s, self.factor_dtype)]
         if casted:
             self._after_cast(casted)
         self._fold_in_captures()
@@ -291,13 +310,15 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
             raise NonFiniteError(msg)
         return self._skip(msg, stacklevel=5)
 
-    def _skip(self, msg: str, stacklevel: int = 4) -> bool:
-        """Warn, clear every gradient (``optimizer.step()`` is then a no-op), count it.
+    def _skip(self, msg: str | None, stacklevel: int = 4) -> bool:
+        """Warn (unless ``msg`` is None), clear every gradient, count the step.
 
-        ``stacklevel`` 4 points the warning at step()'s caller (past the no_grad wrapper).
+        ``optimizer.step()`` is then a no-op. ``stacklevel`` 4 points the warning at
+        step()'s caller (past the no_grad wrapper).
         """
-        warnings.warn(f"{msg}: step skipped, all gradients cleared", RuntimeWarning,
-                      stacklevel=stacklevel)
+        if msg is not None:
+            warnings.warn(f"{msg}: step skipped, all gradients cleared", RuntimeWarning,
+                          stacklevel=stacklevel)
         for p in self.model.parameters():
             p.grad = None
         self._written.clear()

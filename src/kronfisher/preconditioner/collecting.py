@@ -26,8 +26,10 @@ from ..layers import UnsupportedLayerError
 from ..linalg import all_finite
 from ._checks import as_int, curvature_finite
 from .batch import take_batch
+from .casting import as_factor_dtype, curvature_dtype
 from .hooks import inside_backward
 from .layer_state import Capture, LayerState
+from .mixed_precision import LossScale
 
 
 class NonFiniteError(FloatingPointError):
@@ -70,8 +72,14 @@ class CollectMixin:
     _batch_size: int | None
     _hook_error: HookError | None
     nonfinite: str
+    factor_dtype: torch.dtype | None
+    _loss_scale: LossScale
+    _collect_loss_scale: float = 1.0  # divides the gradients recorded by this collect()
 
     def _check_hooks(self, what: str) -> None:
+        raise NotImplementedError
+
+    def _statistic(self, state: LayerState, x: Tensor) -> Tensor:
         raise NotImplementedError
 
     def _update_curvature(self, batch: dict[LayerState, tuple[Tensor, Tensor, tuple]]) -> None:
@@ -125,6 +133,7 @@ class CollectMixin:
         active = force or self.collect_due
         if self._collecting:
             raise RuntimeError("collect() contexts cannot be nested")
+        self._collect_loss_scale = self._loss_scale.value() if active else 1.0
         self._collecting, self._reduction, self._batch_size = active, reduction, batch_size
         self._hook_error = None
         before = {s: len(s.captures) for s in self.layers.values()}
@@ -174,20 +183,21 @@ class CollectMixin:
         if state is None or not isinstance(output, Tensor) or not output.requires_grad:
             return
         try:
-            a = state.adapter.inputs(module, inputs[0])
+            a = self._statistic(state, state.adapter.inputs(module, inputs[0]))
         except Exception as e:  # raised when collect() ends, not inside the model's forward
             self._hook_error = HookError(state.name, "forward", e)
             return
         cap = Capture(a=a, during_backward=inside_backward())
         state.captures.append(cap)
         n = self._batch_size or inputs[0].shape[0]
-        scale = float(n) if self._reduction == "mean" else 1.0
+        # applied in the factor dtype: exact for a power-of-two loss scale
+        scale = (float(n) if self._reduction == "mean" else 1.0) / self._collect_loss_scale
 
         def grad_hook(grad: Tensor) -> None:
             if not self._collecting or self._hook_error is not None:
                 return
             try:
-                g = state.adapter.output_grads(module, grad) * scale
+                g = self._statistic(state, state.adapter.output_grads(module, grad)) * scale
                 spatial = state.adapter.spatial_shape(module, grad)
             except Exception as e:  # raised when collect() ends, not inside the backward
                 self._hook_error = HookError(state.name, "backward", e)
@@ -205,7 +215,10 @@ class CollectMixin:
             if not (all_finite(b.a) and all_finite(b.g)):
                 self._curvature_rejected(s.name, "non-finite curvature statistics")
                 continue
-            batch[s] = (b.a, b.g, b.spatial)  # the subclass interface's (a, g, spatial)
+            # the curvature's dtype now (the module may have changed dtype since capture)
+            dtype = curvature_dtype(s, self.factor_dtype)[0]
+            a, g = as_factor_dtype(b.a, dtype), as_factor_dtype(b.g, dtype)
+            batch[s] = (a, g, b.spatial)  # the subclass interface's (a, g, spatial)
         if not batch:
             return
         before = {s: (s.curvature, s.updates) for s in batch}

@@ -14,6 +14,7 @@ from ..linalg.numerics import all_finite, eigh
 from ._checks import as_int, check_damping, grad_matrix_shape, typed_curvature
 from .base import LayerState, Preconditioner
 from .casting import cast_curvature, curvature_dtype
+from .mixed_precision import GradScalerLike
 from .state import state_kind
 
 __all__ = ["ExactNG", "per_example_gradients", "DenseEigh", "FullFisherInverse"]
@@ -114,6 +115,8 @@ class ExactNG(Preconditioner):
         nonfinite: str = "skip",
         kl_clip_mode: str = "lr2",
         skip_layers: Iterable[str | type[nn.Module]] | None = None,
+        factor_dtype: torch.dtype | None = None,
+        grad_scaler: GradScalerLike | None = None,
     ):
         if block_diagonal not in (True, False):
             raise ValueError(f"block_diagonal must be True or False, got {block_diagonal!r}")
@@ -123,6 +126,7 @@ class ExactNG(Preconditioner):
             model, damping=damping, ema_decay=ema_decay, cov_update_freq=cov_update_freq,
             inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
             kl_clip_mode=kl_clip_mode, skip_layers=skip_layers,
+            factor_dtype=factor_dtype, grad_scaler=grad_scaler,
         )
         sizes = {n: sum(p.numel() for p in s.adapter.params(s.module))
                  for n, s in self.layers.items()}
@@ -287,7 +291,7 @@ class ExactNG(Preconditioner):
     def _after_cast(self, layers: list[LayerState]) -> None:
         if self.block_diagonal or self._full is None:
             return
-        dtype, device = curvature_dtype(layers[0])
+        dtype, device = curvature_dtype(layers[0], self.factor_dtype)
         self._full = cast_curvature(self._full, dtype, device)
         self._full_inverse = None  # refactorised at the next step
         for s in self.layers.values():
@@ -308,7 +312,7 @@ class ExactNG(Preconditioner):
                              " (same layer names but other widths?)")
         if not all_finite(packed):
             raise ValueError(f"{where} has NaN or Inf entries (saved from a diverged run?)")
-        dtype, device = curvature_dtype(like)
+        dtype, device = curvature_dtype(like, self.factor_dtype)
         return packed.to(device, dtype)
 
     def _check_packed(self, state: LayerState, key: str, packed) -> Tensor:

@@ -14,6 +14,7 @@ from ..linalg import SCHEMES, KroneckerFactorization, KroneckerSum, SingularFact
 from ._checks import grad_matrix_shape, typed_curvature
 from .base import LayerState, Preconditioner
 from .casting import curvature_dtype
+from .mixed_precision import GradScalerLike
 from .state import state_kind
 from .warning_log import WarningLog
 
@@ -82,6 +83,8 @@ class KroneckerPreconditioner(Preconditioner):
         kl_clip_mode: str = "lr2",
         ema_counter: str = "updates",
         skip_layers: Iterable[str | type[nn.Module]] | None = None,
+        factor_dtype: torch.dtype | None = None,
+        grad_scaler: GradScalerLike | None = None,
     ):
         method = method or self.method
         if damping_scheme not in SCHEMES:
@@ -97,6 +100,7 @@ class KroneckerPreconditioner(Preconditioner):
             model, damping=damping, ema_decay=ema_decay, cov_update_freq=cov_update_freq,
             inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
             kl_clip_mode=kl_clip_mode, ema_counter=ema_counter, skip_layers=skip_layers,
+            factor_dtype=factor_dtype, grad_scaler=grad_scaler,
         )
 
     @property
@@ -274,7 +278,7 @@ class KroneckerPreconditioner(Preconditioner):
                     f"{where} has factors A {tuple(A.shape)}, G {tuple(G.shape)}; this model's"
                     f" layer needs A ({d_a}, {d_a}), G ({d_g}, {d_g}) (same layer names but"
                     " other widths?)")
-        dtype, device = curvature_dtype(state)
+        dtype, device = curvature_dtype(state, self.factor_dtype)
         return KroneckerSum([(A.to(device, dtype), G.to(device, dtype)) for A, G in packed])
 
     def _factorize_loaded(self, state: LayerState, source, damping: float, extra: dict) -> None:
