@@ -107,15 +107,12 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, MixedPrecision
             classes (instances of them) to leave out: their trainable parameters are listed
             in :attr:`skipped` with the reason "skipped by skip_layers". An unknown name
             raises ``ValueError``.
-        factor_dtype: the dtype statistics are cast to in the hooks and the curvature is
-            accumulated and decomposed in: torch.float32 or torch.float64. Default: float32
-            for float16/bfloat16 modules or statistics (``torch.autocast``), else the
-            module's dtype. Preconditioned gradients are written in each parameter's dtype.
-        grad_scaler: a ``torch.amp.GradScaler`` (or a callable returning the loss scale)
-            whose scaled losses are backpropagated inside :meth:`collect`: the captured
-            gradients are divided by its scale. ``step()`` then checks the loop order
-            (:data:`~.mixed_precision.LOOP_ORDER`) and treats non-finite gradients as the
-            scaler's overflow step (dropped quietly, see :mod:`.mixed_precision`).
+        factor_dtype: torch.float32 or torch.float64: the dtype of the statistics and
+            curvature (default: float32 for half-precision modules or statistics, as under
+            ``torch.autocast``; else the module's dtype). See :mod:`.mixed_precision`.
+        grad_scaler: a ``torch.amp.GradScaler`` (or a callable giving the loss scale) whose
+            scaled losses are backpropagated: see :mod:`.mixed_precision` for the loop
+            order ``step()`` checks and its quiet overflow steps.
 
     Use as a context manager (``with KPSVD(model) as precond:``) or call :meth:`close` to
     remove the hooks.
@@ -239,7 +236,7 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, MixedPrecision
         self._fold_in_captures()
         t1 = time.perf_counter()
         self.timings["curvature"] += t1 - t0
-        bad = self._nonfinite_grads()
+        bad = [] if self._loss_scale.active else self._nonfinite_grads()  # checked above
         if bad:
             return self._reject(f"non-finite gradient in parameter(s) {bad}")
         grads = {}

@@ -97,7 +97,7 @@ class ExactNG(Preconditioner):
     models keep their curvature in float32. With ``damping=0`` a singular block raises
     :class:`~kronfisher.linalg.SingularFactorError` naming the layer. The other arguments
     are :class:`Preconditioner`'s (callable ``damping``/``lr``, ``lr=optimizer``,
-    ``skip_layers``).
+    ``skip_layers``, ``factor_dtype``, ``grad_scaler``).
     """
 
     def __init__(
