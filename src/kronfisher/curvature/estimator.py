@@ -110,15 +110,15 @@ class KroneckerEstimator:
         ``mask``: the (T × T) position pairs kept (None: all pairs, or T = 1).
 
         Scale-safe: float16/bfloat16 statistics are computed in float32 (the result is a
-        float32 KroneckerSum), and ``a`` and ``g`` are divided by powers of two near their
-        largest magnitudes before any product is formed, the factors multiplied back
-        after. Powers of two make this exact in floating point (same result up to
+        float32 KroneckerSum; ``a`` and ``g`` of two dtypes, in the wider), and ``a`` and
+        ``g`` are divided by powers of two near their largest magnitudes before any
+        product is formed, the factors multiplied back after. Powers of two make this
+        exact in floating point (same result up to
         over/underflow), while the solver's Gram products — fourth powers of the inputs —
         no longer overflow. A result that is itself not representable comes back with
         Inf entries; the preconditioner then skips the update for that layer.
         """
-        if a.dtype in _LOW_PRECISION:
-            a, g = a.float(), g.float()
+        a, g = _decomposable(a, g)
         sa, sg = pow2_scale(a), pow2_scale(g)
         split = sa * sg  # the factor by which each normalised SVD term is rescaled
         init = previous
@@ -181,8 +181,7 @@ class KroneckerEstimator:
         The last resort when every solver fails and no previous curvature exists: closed
         form (two products), a valid curvature for every method's damping formula.
         """
-        if a.dtype in _LOW_PRECISION:
-            a, g = a.float(), g.float()
+        a, g = _decomposable(a, g)
         A, G = approximate(a, g, "kfac").terms[0]
         pad = [(torch.zeros_like(A), torch.zeros_like(G))] * (
             method_rank(self.method, self.rank) - 1)
@@ -208,6 +207,17 @@ class KroneckerEstimator:
         out = KroneckerSum(terms)
         out.info = dict(new.info)
         return out
+
+
+def _decomposable(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """``a`` and ``g`` in one dtype LAPACK decomposes.
+
+    Half precision becomes float32, then the wider of the two is taken (under autocast a
+    layer may see float32 inputs and bfloat16 gradients).
+    """
+    lift = [torch.float32 if x.dtype in _LOW_PRECISION else x.dtype for x in (a, g)]
+    dtype = torch.promote_types(*lift)
+    return a.to(dtype), g.to(dtype)
 
 
 def _plain(v):

@@ -51,6 +51,7 @@ from .hooks import ModelHooks
 from .hyper import HyperMixin
 from .layer_state import LayerState
 from .lifecycle import LifecycleMixin
+from .mixed_precision import GradScalerLike, MixedPrecisionMixin
 from .registration import SkipLayers, register_layers
 from .schedule import scheduled_damping, scheduled_lr
 from .state import StateDictMixin
@@ -59,8 +60,8 @@ from .written import WrittenGrads
 __all__ = ["Preconditioner", "LayerState", "NonFiniteError", "KL_CLIP_MODES"]
 
 
-class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, StateDictMixin,
-                     LayerAccessMixin):
+class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, MixedPrecisionMixin,
+                     CollectMixin, StateDictMixin, LayerAccessMixin):
     """Base class of all natural-gradient preconditioners (see module docstring).
 
     Args:
@@ -118,6 +119,12 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
             module's layers are registered, under the module's own names).
         adapters: module type → adapter class for this preconditioner only (wins over the
             global registry; see :func:`kronfisher.register_adapter`).
+        factor_dtype: torch.float32 or torch.float64: the dtype of the statistics and
+            curvature (default: float32 for half-precision modules or statistics, as under
+            ``torch.autocast``; else the module's dtype). See :mod:`.mixed_precision`.
+        grad_scaler: a ``torch.amp.GradScaler`` (or a callable giving the loss scale) whose
+            scaled losses are backpropagated: see :mod:`.mixed_precision` for the loop
+            order ``step()`` checks and its quiet overflow steps.
 
     Use as a context manager (``with KPSVD(model) as precond:``) or call :meth:`close` to
     remove the hooks.
@@ -141,10 +148,13 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
         skip_layers: Iterable[str | type[nn.Module]] | None = None,
         process_group: object = None,
         adapters: Mapping[type[nn.Module], type[LayerAdapter]] | None = None,
+        factor_dtype: torch.dtype | None = None,
+        grad_scaler: GradScalerLike | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError("model must be a torch.nn.Module")
         model, ddp_group = unwrap_model(model)
+        self._init_mixed_precision(factor_dtype, grad_scaler)
         self.steps = 0
         self._damping = scheduled_damping(damping)
         self._lr = scheduled_lr(lr)
@@ -214,7 +224,9 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
                 ``.grad`` the previous ``step()`` wrote (no backward in between:
                 preconditioning it again would apply the curvature twice); no curvature
                 yet; called after :meth:`remove_hooks`; a registered layer's weight or bias
-                was frozen or unfrozen after construction.
+                was frozen or unfrozen after construction; with a GradScaler as
+                ``grad_scaler``, gradients not unscaled yet or ``scaler.step()`` already
+                run (see :mod:`.mixed_precision`).
             ValueError: a ``damping`` or ``lr`` callable returned a bad value, or an
                 optimizer given as ``lr`` has a param group whose lr is not >= 0.
             ValueError: the curvature batch recorded inside ``collect()`` has no examples
@@ -222,6 +234,7 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
             NonFiniteError: with ``nonfinite="raise"``, a NaN/Inf gradient or statistic.
         """
         self._check_hooks("step()")
+        self._loss_scale.check_order(type(self).__name__)
         changed = [n for s in self.layers.values() for n in frozen_changed(s)]
         if changed:
             raise RuntimeError(
@@ -239,14 +252,16 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
                 if bad:
                     return self._reject(f"non-finite gradient in parameter(s) {bad}")
                 return self._skip(sorted_grads.nothing_fresh())
+            if self._scaler_overflow():
+                return False
             t0 = time.perf_counter()
-            casted = [s for s in self.layers.values() if follow_module(s)]
+            casted = [s for s in self.layers.values() if follow_module(s, self.factor_dtype)]
             if casted:
                 self._after_cast(casted)
             self._fold_in_captures()
             t1 = time.perf_counter()
             self.timings["curvature"] += t1 - t0
-            bad = self._nonfinite_grads()
+            bad = [] if self._loss_scale.active else self._nonfinite_grads()  # checked above
             reason = self.sync.agreed_reason(
                 f"non-finite gradient in parameter(s) {bad}" if bad else None)
             if reason:
@@ -329,30 +344,21 @@ class Preconditioner(UncopyableMixin, LifecycleMixin, HyperMixin, CollectMixin, 
             raise NonFiniteError(msg)
         return self._skip(msg, stacklevel=5)
 
-    def _skip(self, msg: str, stacklevel: int = 4) -> bool:
-        """Warn, clear every gradient (``optimizer.step()`` is then a no-op), count it.
+    def _skip(self, msg: str | None, stacklevel: int = 4) -> bool:
+        """Warn (unless ``msg`` is None), clear every gradient, count the step.
 
-        ``stacklevel`` 4 points the warning at step()'s caller (past the no_grad wrapper).
+        ``optimizer.step()`` is then a no-op. ``stacklevel`` 4 points the warning at
+        step()'s caller (past the no_grad wrapper).
         """
-        warnings.warn(f"{msg}: step skipped, all gradients cleared", RuntimeWarning,
-                      stacklevel=stacklevel)
+        if msg is not None:
+            warnings.warn(f"{msg}: step skipped, all gradients cleared", RuntimeWarning,
+                          stacklevel=stacklevel)
         for p in self.model.parameters():
             p.grad = None
         self._written.clear()
         self.skipped_steps += 1
         self.steps += 1
         return False
-
-    def _decay(self, state: LayerState) -> float:
-        """The decay min(1 − 1/k, ρ) of this curvature batch (0: keep only the new batch).
-
-        k is the layer's count of curvature batches including this one, or with
-        ``ema_counter="steps"`` the optimizer steps taken before it.
-        """
-        k = state.updates + 1 if self.ema_counter == "updates" else self.steps
-        if k < 1:
-            return 0.0
-        return min(1.0 - 1.0 / k, self.ema_decay)
 
     # ---------------------------------------------------- subclass operations
     def _after_cast(self, layers: list[LayerState]) -> None:

@@ -28,9 +28,11 @@ from ..layers import LayerStatistics, UnsupportedLayerError
 from ..linalg import all_finite
 from ._checks import as_int
 from .batch import take_batch
+from .casting import as_factor_dtype, curvature_dtype
 from .hook_error import HookError
 from .hooks import inside_backward
 from .layer_state import Capture, LayerState
+from .mixed_precision import LossScale
 
 
 def backward_id() -> int:
@@ -59,6 +61,9 @@ class CollectMixin:
     nonfinite: str
     sync: LocalSync | DataParallelSync
     model: nn.Module
+    factor_dtype: torch.dtype | None
+    _loss_scale: LossScale
+    _collect_loss_scale: float = 1.0  # divides the gradients recorded by this collect()
     _forward_id: int | None = None  # the model forward running inside collect(), if any
     _forwards: int = 0
 
@@ -69,6 +74,9 @@ class CollectMixin:
         raise NotImplementedError
 
     def _check_hooks(self, what: str) -> None:
+        raise NotImplementedError
+
+    def _statistic(self, state: LayerState, x: Tensor) -> Tensor:
         raise NotImplementedError
 
     def _update_curvature(self, batch: dict[LayerState, LayerStatistics]) -> None:
@@ -127,6 +135,7 @@ class CollectMixin:
         active = force or self.collect_due
         if self._collecting:
             raise RuntimeError("collect() contexts cannot be nested")
+        self._collect_loss_scale = self._loss_scale.value() if active else 1.0
         self._collecting, self._reduction, self._batch_size = active, reduction, batch_size
         self._forward_id = None
         self._hook_error = None
@@ -204,14 +213,15 @@ class CollectMixin:
                     " weight sharing across calls is handled for nn.Linear only"))
                 return
         try:
-            a = state.adapter.inputs(inputs[0])
+            a = self._statistic(state, state.adapter.inputs(inputs[0]))
         except Exception as e:  # raised when collect() ends, not inside the model's forward
             self._hook_error = HookError(state.name, "forward", e)
             return
         cap = Capture(a=a, during_backward=inside_backward(), forward=forward, call=call)
         state.captures.append(cap)
         n = self._batch_size or inputs[0].shape[0]
-        scale = float(n) if self._reduction == "mean" else 1.0
+        # applied in the factor dtype: exact for a power-of-two loss scale
+        scale = (float(n) if self._reduction == "mean" else 1.0) / self._collect_loss_scale
 
         passes = [0]  # backwards through this call so far (if the pass has no id)
 
@@ -219,7 +229,7 @@ class CollectMixin:
             if not self._collecting or self._hook_error is not None:
                 return
             try:
-                g = state.adapter.output_grads(grad) * scale
+                g = self._statistic(state, state.adapter.output_grads(grad)) * scale
                 pairing = state.adapter.pairing(grad)
             except Exception as e:  # raised when collect() ends, not inside the backward
                 self._hook_error = HookError(state.name, "backward", e)
@@ -241,7 +251,10 @@ class CollectMixin:
             if not (all_finite(b.a) and all_finite(b.g)):
                 self._curvature_rejected(s.name, "non-finite curvature statistics")
                 continue
-            batch[s] = b
+            # the curvature's dtype now (the module may have changed dtype since capture)
+            dtype = curvature_dtype(s, self.factor_dtype)[0]
+            batch[s] = LayerStatistics(as_factor_dtype(b.a, dtype), as_factor_dtype(b.g, dtype),
+                                       b.pairing)
         # data parallel: the ranks agree on the step (and gather the batch if asked to)
         batch = self.sync.reduce_batch(batch, self._nonfinite_grads, self._gathers_statistics)
         if not batch:

@@ -15,6 +15,7 @@ from ..linalg.numerics import all_finite, eigh
 from ._checks import as_int, check_damping, grad_matrix_shape, typed_curvature
 from .base import LayerState, Preconditioner
 from .casting import cast_curvature, curvature_dtype
+from .mixed_precision import GradScalerLike
 from .state import state_kind
 
 __all__ = ["ExactNG", "per_example_gradients", "DenseEigh", "FullFisherInverse"]
@@ -113,7 +114,7 @@ class ExactNG(Preconditioner):
     models keep their curvature in float32. With ``damping=0`` a singular block raises
     :class:`~kronfisher.linalg.SingularFactorError` naming the layer. The other arguments
     are :class:`Preconditioner`'s (callable ``damping``/``lr``, ``lr=optimizer``,
-    ``skip_layers``).
+    ``skip_layers``, ``factor_dtype``, ``grad_scaler``).
     """
 
     @property
@@ -138,6 +139,8 @@ class ExactNG(Preconditioner):
         skip_layers: Iterable[str | type[nn.Module]] | None = None,
         process_group: object = None,
         adapters: Mapping[type[nn.Module], type[LayerAdapter]] | None = None,
+        factor_dtype: torch.dtype | None = None,
+        grad_scaler: GradScalerLike | None = None,
     ):
         if block_diagonal not in (True, False):
             raise ValueError(f"block_diagonal must be True or False, got {block_diagonal!r}")
@@ -148,6 +151,7 @@ class ExactNG(Preconditioner):
             inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
             kl_clip_mode=kl_clip_mode, skip_layers=skip_layers,
             process_group=process_group, adapters=adapters,
+            factor_dtype=factor_dtype, grad_scaler=grad_scaler,
         )
         sizes = {n: s.adapter.layout.n_params for n, s in self.layers.items()}
         total = sum(sizes.values())
@@ -314,7 +318,7 @@ class ExactNG(Preconditioner):
     def _after_cast(self, layers: list[LayerState]) -> None:
         if self.block_diagonal or self._full is None:
             return
-        dtype, device = curvature_dtype(layers[0])
+        dtype, device = curvature_dtype(layers[0], self.factor_dtype)
         self._full = cast_curvature(self._full, dtype, device)
         self._full_inverse = None  # refactorised at the next step
         for s in self.layers.values():
@@ -335,7 +339,7 @@ class ExactNG(Preconditioner):
                              " (same layer names but other widths?)")
         if not all_finite(packed):
             raise ValueError(f"{where} has NaN or Inf entries (saved from a diverged run?)")
-        dtype, device = curvature_dtype(like)
+        dtype, device = curvature_dtype(like, self.factor_dtype)
         return packed.to(device, dtype)
 
     def _check_packed(self, state: LayerState, key: str, packed) -> Tensor:

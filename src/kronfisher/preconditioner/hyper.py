@@ -1,8 +1,9 @@
 """The preconditioner's ``damping`` and ``lr``: numbers, callables of the step count, an optimizer.
 
 :class:`HyperMixin` gives :class:`~kronfisher.preconditioner.Preconditioner` its ``damping``
-and ``lr`` properties (see :mod:`.schedule`) and the KL-clip factor of a step, which reads
-the lr from an optimizer's param groups when one was given as ``lr``.
+and ``lr`` properties (see :mod:`.schedule`), the KL-clip factor of a step, which reads
+the lr from an optimizer's param groups when one was given as ``lr``, and the running
+average's decay of a curvature batch.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from .kl_clip import kl_clip_factor
+from .layer_state import LayerState
 from .schedule import OptimizerLR, Scheduled, group_lrs, scheduled_damping, scheduled_lr
 
 __all__ = ["HyperMixin"]
@@ -21,6 +23,8 @@ class HyperMixin:
     """``damping`` / ``lr`` over the attributes declared below (set by the Preconditioner)."""
 
     steps: int
+    ema_decay: float
+    ema_counter: str
     kl_clip: float | None
     kl_clip_mode: str
     _damping: Scheduled
@@ -57,6 +61,17 @@ class HyperMixin:
         if lr is None and self.kl_clip is not None and self.kl_clip_mode == "lr2":
             raise ValueError("kl_clip in mode 'lr2' needs the optimizer's lr > 0")
         self._lr = lr
+
+    def _decay(self, state: LayerState) -> float:
+        """The decay min(1 − 1/k, ρ) of this curvature batch (0: keep only the new batch).
+
+        k is the layer's count of curvature batches including this one, or with
+        ``ema_counter="steps"`` the optimizer steps taken before it.
+        """
+        k = state.updates + 1 if self.ema_counter == "updates" else self.steps
+        if k < 1:
+            return 0.0
+        return min(1.0 - 1.0 / k, self.ema_decay)
 
     def _lr_for_checks(self) -> float | None:
         """A stand-in number for the option checks (1.0 for a callable or an optimizer)."""

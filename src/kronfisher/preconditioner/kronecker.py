@@ -23,6 +23,7 @@ from ..layers import LayerAdapter, LayerStatistics
 from ..linalg import SCHEMES
 from .base import LayerState, Preconditioner
 from .casting import curvature_dtype
+from .mixed_precision import GradScalerLike
 from .state import state_kind
 from .warning_log import WarningLog
 
@@ -108,6 +109,8 @@ class KroneckerPreconditioner(Preconditioner):
         blocks: Mapping[str, type[CurvatureBlock]] | None = None,
         adapters: Mapping[type[nn.Module], type[LayerAdapter]] | None = None,
         scale_shift: str = "full",
+        factor_dtype: torch.dtype | None = None,
+        grad_scaler: GradScalerLike | None = None,
     ):
         method = method or self.method
         self.scale_shift = check_scale_shift_mode(scale_shift)
@@ -130,6 +133,7 @@ class KroneckerPreconditioner(Preconditioner):
             inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
             kl_clip_mode=kl_clip_mode, ema_counter=ema_counter, skip_layers=skip_layers,
             process_group=process_group, adapters=adapters,
+            factor_dtype=factor_dtype, grad_scaler=grad_scaler,
         )
         options = BlockOptions(self.estimator, self.warning_log, weight_sharing,
                                scale_shift=self.scale_shift, sync=self.sync)
@@ -246,7 +250,7 @@ class KroneckerPreconditioner(Preconditioner):
         return {"damping_scheme": scheme}
 
     def _check_packed(self, state: LayerState, key: str, packed):
-        dtype, device = curvature_dtype(state)
+        dtype, device = curvature_dtype(state, self.factor_dtype)
         return self._block(state).unpack(
             packed, f"state_dict layer {state.name!r}: the saved {key}", dtype, device)
 
