@@ -141,7 +141,13 @@ def normalized_input(module: nn.Module, x: Tensor) -> Tensor:
         raise UnsupportedLayerError(f"{type(module).__name__} is not a scale-and-shift layer")
     if uses_batch_statistics(module):
         return F.batch_norm(x, None, None, None, None, True, 0.0, module.eps)
-    return F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0,
+    mean, var = module.running_mean, module.running_var
+    if mean is None or var is None:  # uses_batch_statistics is True without them
+        raise UnsupportedLayerError(f"{type(module).__name__} has no running statistics")
+    # one dtype, the wider (CPU refuses float64 inputs with float32 running statistics:
+    # factor_dtype=float64 casts the input first)
+    dtype = torch.promote_types(x.dtype, mean.dtype)
+    return F.batch_norm(x.to(dtype), mean.to(dtype), var.to(dtype), None, None, False, 0.0,
                         module.eps)
 
 

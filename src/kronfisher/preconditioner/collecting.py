@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -76,7 +76,8 @@ class CollectMixin:
     def _check_hooks(self, what: str) -> None:
         raise NotImplementedError
 
-    def _statistic(self, state: LayerState, x: Tensor) -> Tensor:
+    def _statistic(self, state: LayerState, compute: Callable[[Tensor], Tensor],
+                   x: Tensor) -> Tensor:
         raise NotImplementedError
 
     def _update_curvature(self, batch: dict[LayerState, LayerStatistics]) -> None:
@@ -213,7 +214,7 @@ class CollectMixin:
                     " weight sharing across calls is handled for nn.Linear only"))
                 return
         try:
-            a = self._statistic(state, state.adapter.inputs(inputs[0]))
+            a = self._statistic(state, state.adapter.inputs, inputs[0])
         except Exception as e:  # raised when collect() ends, not inside the model's forward
             self._hook_error = HookError(state.name, "forward", e)
             return
@@ -229,7 +230,7 @@ class CollectMixin:
             if not self._collecting or self._hook_error is not None:
                 return
             try:
-                g = self._statistic(state, state.adapter.output_grads(grad)) * scale
+                g = self._statistic(state, state.adapter.output_grads, grad) * scale
                 pairing = state.adapter.pairing(grad)
             except Exception as e:  # raised when collect() ends, not inside the backward
                 self._hook_error = HookError(state.name, "backward", e)

@@ -4,8 +4,11 @@ Under ``torch.autocast`` a layer's output gradients (and the inputs of every lay
 the first) are float16/bfloat16. The hooks cast each statistic to the layer's factor dtype
 (:func:`~.casting.curvature_dtype`: float32 unless ``factor_dtype`` says float64) *before*
 any arithmetic, so the batch scale (× B for a mean loss) and the division by the loss
-scale never round in half precision; the curvature is accumulated and decomposed in that
-dtype, and ``step()`` writes each preconditioned gradient in its parameter's dtype.
+scale never round in half precision; the module's input and output gradient are cast
+before the adapter forms a and g, so a normalisation layer's x̂ is normalised in that
+dtype too (an embedding's token ids stay integer). Every block kind (Kronecker, embedding,
+scale-and-shift, ExactNG's) then accumulates and decomposes its curvature in that dtype,
+and ``step()`` writes each preconditioned gradient in its parameter's dtype.
 
 With ``grad_scaler=`` (a ``torch.amp.GradScaler``, or a callable returning the scale) every
 backward recorded inside ``collect()`` is taken to be of a loss multiplied by the scale the
@@ -152,9 +155,15 @@ class MixedPrecisionMixin:
         self.grad_scaler = grad_scaler
         self.overflow_steps = 0
 
-    def _statistic(self, state: LayerState, x: Tensor) -> Tensor:
-        """A captured statistic of ``state``'s layer in its factor dtype."""
-        return as_factor_dtype(x, curvature_dtype(state, self.factor_dtype)[0])
+    def _statistic(self, state: LayerState, compute: Callable[[Tensor], Tensor],
+                   x: Tensor) -> Tensor:
+        """``compute(x)`` (an adapter's ``inputs`` or ``output_grads``) in the factor dtype.
+
+        ``x`` is cast first, so the adapter's own arithmetic (a normalisation layer's x̂)
+        is done in the factor dtype too, not in the autocast dtype; token ids stay integer.
+        """
+        dtype = curvature_dtype(state, self.factor_dtype)[0]
+        return as_factor_dtype(compute(as_factor_dtype(x, dtype)), dtype)
 
     def _scaler_overflow(self) -> bool:
         """With an active loss scale and a non-finite gradient: the scaler's overflow step.
