@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import kronfisher as kf
+from kronfisher.curvature.embedding import approximate_embedding
+from kronfisher.curvature.scale_shift import estimate_scale_shift
+from kronfisher.layers.scale_shift import normalized_input, scale_shift_grads
 from kronfisher.preconditioner.exact import per_example_gradients
 
 CLASSES = {"kfac": kf.KFAC, "kpsvd": kf.KPSVD, "deflation": kf.Deflation,
@@ -56,8 +59,9 @@ class RawStats:
 
     def __init__(self, model):
         self.x, self.g = {}, {}
+        kinds = nn.Linear | nn.Conv2d | nn.Embedding | nn.LayerNorm | nn.BatchNorm1d
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in
-                         model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+                         model.named_modules() if isinstance(m, kinds)]
 
     def _hook(self, name):
         def hook(module, inputs, output):
@@ -125,6 +129,83 @@ def test_autocast_curvature_equals_float32_curvature_of_the_captured_statistics(
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())
 
 
+V, S = 7, 3  # vocabulary and sequence length of the token model
+
+
+def _token_model():
+    """Embedding → Linear → LayerNorm → tanh → Linear: under bfloat16 autocast the LayerNorm
+    sees bfloat16 inputs and output gradients; the embedding's output is float32 (its
+    weight's dtype), so its gradients are float32 carrying bfloat16 values (the Linear
+    after it casts its input)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(V, 4), nn.Flatten(), nn.Linear(S * 4, 6),
+                          nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3))
+    with torch.no_grad():  # γ ≠ 1, β ≠ 0: x̂ and the output differ
+        model[3].weight.add_(0.3 * torch.randn(6))
+        model[3].bias.add_(0.3 * torch.randn(6))
+    return model
+
+
+def _layer_reference(name, kind, x, g):
+    """The float32 curvature from a layer's statistics: the embedding's token ids ``x`` or
+    the LayerNorm's x̂ ``x``, and its captured output gradients ``g`` (scaled by B here)."""
+    g = g.float() * B
+    if kind == "embedding":
+        if name == "exact":
+            J = per_example_gradients(F.one_hot(x, V).float(), g)  # the one-hot Linear's
+            return J.mT @ J / B
+        return approximate_embedding(x, g, V, name).to_dense()
+    J = scale_shift_grads(x[:, None, :], g[:, None, :], True).stacked()  # (B, C, 2)
+    if name == "exact":
+        J = J.transpose(1, 2).reshape(B, -1)  # vec([γ β]): all γ, then all β
+        return J.mT @ J / B
+    return estimate_scale_shift(J, "full").to_dense()
+
+
+@pytest.mark.parametrize("kind", ["embedding", "layernorm"])
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_autocast_embedding_and_layernorm_curvature_equals_float32_curvature(name, kind):
+    """bfloat16 autocast: an embedding's token ids stay integer, its curvature and a
+    LayerNorm's (x̂ normalised in float32 from the captured bfloat16 input) equal the float32
+    curvature of the captured values within TOL; the controls (x̂ normalised in bfloat16,
+    g·B rounded to bfloat16) are outside it."""
+    model = _token_model()
+    layer = {"embedding": "0", "layernorm": "3"}[kind]
+    pc = CLASSES[name](model, damping=1e-2)
+    raw = RawStats(model)
+    torch.manual_seed(1)
+    t, y = torch.randint(0, V, (B, S)), torch.randn(B, 3)
+    with pc.collect():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(t)
+        _mse(out, y).backward()
+    raw.remove()
+    x, g = raw.x[layer], raw.g[layer]
+    caps = pc.layers[layer].captures
+    if kind == "embedding":
+        assert x.dtype == torch.int64 and g.dtype == torch.float32
+        assert all(c.a.dtype == torch.int64 and c.g.dtype == torch.float32 for c in caps)
+    else:
+        assert x.dtype == g.dtype == torch.bfloat16  # autocast was in effect
+        assert all(c.a.dtype == c.g.dtype == torch.float32 for c in caps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # two-term clamping warnings are not the point
+        assert pc.step()
+    module = dict(model.named_modules())[layer]
+    stat = x if kind == "embedding" else normalized_input(module, x.float())  # x̂ in float32
+    ours = _dense(name, pc.layers[layer].curvature)
+    ref = _layer_reference(name, kind, stat, g)
+    assert ours.dtype == ref.dtype == torch.float32
+    assert _rel(ours, ref) <= TOL, _rel(ours, ref)
+    if kind == "layernorm":  # controls: one bfloat16 rounding on the way is outside TOL
+        bad = {"x̂ normalised in bfloat16": (normalized_input(module, x).float(), g),
+               "g·B rounded to bfloat16": (stat, (g * B) / B)}
+        for why, (xhat, grad) in bad.items():
+            assert _rel(_layer_reference(name, kind, xhat, grad), ref) > CONTROL[
+                torch.bfloat16] * TOL, why
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
 def test_factor_dtype_float64_keeps_autocast_statistics_and_curvature_in_float64():
     model = _model()
     pc = kf.KPSVD(model, conv_radius="all", factor_dtype=torch.float64)
@@ -143,6 +224,46 @@ def test_factor_dtype_float64_keeps_autocast_statistics_and_curvature_in_float64
         a, g = _as_stats(model, layer, raw.x[layer], raw.g[layer], torch.float64)
         ref = kf.approximate(a, g, "kpsvd").to_dense()
         assert _rel(s.curvature.to_dense(), ref) <= 1e-9
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["kfac", "exact"])
+def test_factor_dtype_float64_reaches_embedding_and_batchnorm_eval_blocks(name):
+    """factor_dtype=float64 under bfloat16 autocast: token ids stay int64, every other
+    statistic and every block's curvature is float64; a BatchNorm1d in eval mode (float32
+    running statistics) normalises the float64 input, its curvature equals the float64
+    reference from the captured input to 1e-12."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(V, 4), nn.Flatten(), nn.Linear(S * 4, 6),
+                          nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    with torch.no_grad():
+        model[3].running_mean.copy_(0.3 * torch.randn(6))
+        model[3].running_var.copy_(torch.rand(6) + 0.5)
+    model.eval()
+    pc = CLASSES[name](model, damping=1e-2, factor_dtype=torch.float64)
+    raw = RawStats(model)
+    torch.manual_seed(1)
+    t, y = torch.randint(0, V, (B, S)), torch.randn(B, 3)
+    with pc.collect():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(t)
+        _mse(out, y).backward()
+    raw.remove()
+    for layer, s in pc.layers.items():
+        assert all(c.a.dtype == (torch.int64 if layer == "0" else torch.float64)
+                   and c.g.dtype == torch.float64 for c in s.captures), layer
+    assert pc.step()
+    for layer, s in pc.layers.items():
+        assert _dense(name, s.curvature).dtype == torch.float64, layer
+    bn = model[3]
+    xhat = normalized_input(bn, raw.x["3"].double())[:, None, :]
+    J = scale_shift_grads(xhat, raw.g["3"].double()[:, None, :] * B, True).stacked()
+    if name == "exact":
+        J = J.transpose(1, 2).reshape(B, -1)
+        ref = J.mT @ J / B
+    else:
+        ref = estimate_scale_shift(J, "full").to_dense()
+    assert _rel(_dense(name, pc.layers["3"].curvature), ref) <= 1e-12
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())
 
 
