@@ -130,9 +130,69 @@ class Trace:
     skipped: list[str]
 
 
+class Stepper:
+    """One fresh model (same init for every method) and its optimizer, stepped on demand.
+
+    Args:
+        method: "adamw" or a Kronecker method (a key of :data:`KRONECKER`).
+        s: the settings.
+        tokens: the corpus (default: :func:`make_corpus` with 20,000 lines).
+    """
+
+    def __init__(self, method: str, s: Settings, tokens: Tensor | None = None):
+        torch.manual_seed(s.seed)
+        self.method, self.s = method, s
+        self.model = CharTransformer(d=s.d, layers=s.layers, seq=s.seq)
+        tokens = make_corpus(20_000, seed=s.seed) if tokens is None else tokens
+        self.data = batches(tokens, s.batch, s.seq, seed=s.seed + 1)
+        self.gen = torch.Generator().manual_seed(s.seed + 2)
+        self.precond: kf.KroneckerPreconditioner | None = None
+        if method == "adamw":
+            self.opt: torch.optim.Optimizer = torch.optim.AdamW(self.model.parameters(),
+                                                                lr=s.lr_adamw)
+        else:
+            self.precond = KRONECKER[method](
+                self.model, damping=s.damping, cov_update_freq=s.update_freq,
+                inv_update_freq=s.update_freq, kl_clip=s.kl_clip, lr=s.lr_ng,
+                damping_scheme="factored")
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=s.lr_ng, momentum=0.9)
+
+    @property
+    def skipped(self) -> list[str]:
+        """The parameters the preconditioner leaves untouched (none for AdamW)."""
+        return list(self.precond.skipped) if self.precond is not None else []
+
+    def run(self, n: int) -> list[float]:
+        """Take ``n`` training steps; return their minibatch losses.
+
+        Raises:
+            FloatingPointError: a non-finite loss.
+        """
+        model, precond, s = self.model, self.precond, self.s
+        losses = []
+        for _ in range(n):
+            x, y = next(self.data)
+            if precond is not None and precond.collect_due:
+                with precond.collect():
+                    logits = model(x[: s.curvature_examples])
+                    kf.sampled_nll(logits.transpose(1, 2), "categorical", generator=self.gen,
+                                   reduction="mean").backward()
+            self.opt.zero_grad()
+            loss = lm_loss(model(x), y)
+            loss.backward()
+            if precond is not None:
+                precond.step()
+            self.opt.step()
+            value = float(loss)
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{self.method}: loss {value}")
+            losses.append(value)
+        return losses
+
+
 def train(method: str, s: Settings, *, steps: int | None = None,
           time_budget: float | None = None, tokens: Tensor | None = None) -> Trace:
-    """Train one fresh model (same init for every method) and record the loss per step.
+    """Train one fresh model and record the loss of every step against training seconds.
 
     Args:
         method: "adamw" or a Kronecker method (a key of :data:`KRONECKER`).
@@ -140,49 +200,19 @@ def train(method: str, s: Settings, *, steps: int | None = None,
         steps: stop after this many steps (this or ``time_budget`` needed).
         time_budget: stop after this many training seconds.
         tokens: the corpus (default: :func:`make_corpus` with 20,000 lines).
-
-    Returns:
-        The per-step trace and the preconditioner's skipped parameters (empty for AdamW).
     """
     if steps is None and time_budget is None:
         raise ValueError("give steps or time_budget")
-    torch.manual_seed(s.seed)
-    model = CharTransformer(d=s.d, layers=s.layers, seq=s.seq)
-    tokens = make_corpus(20_000, seed=s.seed) if tokens is None else tokens
-    data = batches(tokens, s.batch, s.seq, seed=s.seed + 1)
-    gen = torch.Generator().manual_seed(s.seed + 2)
-    precond = None
-    if method == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr_adamw)
-    else:
-        precond = KRONECKER[method](
-            model, damping=s.damping, cov_update_freq=s.update_freq,
-            inv_update_freq=s.update_freq, kl_clip=s.kl_clip, lr=s.lr_ng,
-            damping_scheme="factored")
-        opt = torch.optim.SGD(model.parameters(), lr=s.lr_ng, momentum=0.9)
-    trace = Trace(method, [], [], list(precond.skipped) if precond else [])
-    elapsed, step = 0.0, 0
-    while (steps is None or step < steps) and (time_budget is None or elapsed < time_budget):
-        x, y = next(data)
+    run = Stepper(method, s, tokens)
+    trace = Trace(method, [], [], run.skipped)
+    elapsed = 0.0
+    while (steps is None or len(trace.losses) < steps) and (
+            time_budget is None or elapsed < time_budget):
         t0 = time.perf_counter()
-        if precond is not None and precond.collect_due:
-            with precond.collect():
-                logits = model(x[: s.curvature_examples])
-                kf.sampled_nll(logits.transpose(1, 2), "categorical", generator=gen,
-                               reduction="mean").backward()
-        opt.zero_grad()
-        loss = lm_loss(model(x), y)
-        loss.backward()
-        if precond is not None:
-            precond.step()
-        opt.step()
+        (loss,) = run.run(1)
         elapsed += time.perf_counter() - t0
-        step += 1
-        value = float(loss)
-        if not math.isfinite(value):
-            raise FloatingPointError(f"{method}: loss {value} at step {step}")
         trace.seconds.append(elapsed)
-        trace.losses.append(value)
+        trace.losses.append(loss)
     return trace
 
 
