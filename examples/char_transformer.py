@@ -183,7 +183,7 @@ class Stepper:
             if precond is not None:
                 precond.step()
             self.opt.step()
-            value = float(loss)
+            value = float(loss.detach())
             if not math.isfinite(value):
                 raise FloatingPointError(f"{self.method}: loss {value}")
             losses.append(value)

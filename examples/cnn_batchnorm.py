@@ -148,7 +148,7 @@ def train(method: str, s: Settings, x: Tensor, y: Tensor, *, steps: int | None =
         opt.step()
         elapsed += time.perf_counter() - t0
         step += 1
-        value = float(loss)
+        value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(f"{method}: loss {value} at step {step}")
         trace.seconds.append(elapsed)
