@@ -92,7 +92,7 @@ def main() -> None:
             step_times.append((time.perf_counter() - t0) * 1e3)
     batch()  # fresh gradients: the stale-gradient check compares them with the last step's
     named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
-    matrices = [s.adapter.grad_matrix(s.module) for s in layers]
+    matrices = [s.adapter.grad_matrix() for s in layers]
     print(f"MNIST auto-encoder, {sum(p.numel() for p in model.parameters())} parameters,"
           f" {len(layers)} layers, torch {torch.__version__}, {args.threads} thread(s)\n")
     print("| what | ms (median) |\n|---|---:|")

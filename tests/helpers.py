@@ -60,3 +60,15 @@ def nearly_kronecker_stats(m: int, d_a: int, d_g: int, eps: float, seed: int = 0
     sign = torch.where(torch.rand(m, 1, generator=gen, dtype=D) < 0.5, -1.0, 1.0)
     noise = torch.randn(m, d_g, generator=gen, dtype=D) * (1 + a[:, :1].abs())
     return a, sign * h + eps * noise
+
+
+class Affine(torch.nn.Module):
+    """y = w ⊙ x + b: a trainable layer of a type no adapter handles (always skipped)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(width) + 0.1 * torch.randn(width))
+        self.bias = torch.nn.Parameter(0.1 * torch.randn(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x + self.bias

@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import kronfisher as kf
-from helpers import D, vec
+from helpers import Affine, D, vec
 from kronfisher.linalg import FactorInverses, exact_fisher_block, rearrange
 
 CLASSES = {"kfac": kf.KFAC, "kpsvd": kf.KPSVD, "deflation": kf.Deflation,
@@ -317,12 +317,12 @@ def test_nan_statistics_skip_the_curvature_update():
 
 def test_unsupported_layers_are_listed_and_untouched():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Identity(),
+    model = nn.Sequential(nn.Linear(4, 5), Affine(5), nn.Identity(),
                           nn.Linear(5, 2, bias=False),
                           nn.Conv2d(1, 1, 1, groups=1, padding_mode="reflect"))
     pc = kf.KFAC(model[:4])
     assert set(pc.skipped) == {"1.weight", "1.bias"}
-    assert "BatchNorm1d" in pc.skip_reasons["1.weight"]
+    assert "Affine" in pc.skip_reasons["1.weight"]
     pc2 = kf.KFAC(model)
     assert "4.weight" in pc2.skipped and "padding_mode" in pc2.skip_reasons["4.weight"]
     x = torch.randn(8, 4)

@@ -33,7 +33,7 @@ def curvature_step(pc, model, x, seed=0):
                        ).backward()
     model.zero_grad(set_to_none=True)
     model(x).square().mean().backward()
-    grads = {n: s.adapter.grad_matrix(s.module).clone() for n, s in pc.layers.items()}
+    grads = {n: s.adapter.grad_matrix().clone() for n, s in pc.layers.items()}
     ok = pc.step()
     return ok, grads
 
@@ -133,7 +133,7 @@ def test_step_survives_every_lapack_failure_of_the_lanczos_solver(monkeypatch):
             ok, _ = curvature_step(pc, model, x, seed)
             assert ok
             for s in pc.layers.values():
-                assert bool(torch.isfinite(s.adapter.grad_matrix(s.module)).all())
+                assert bool(torch.isfinite(s.adapter.grad_matrix()).all())
     msgs = [str(w.message) for w in record if "solver failed" in str(w.message)]
     assert len(msgs) == 2 and all("'gram' solver" in m for m in msgs)  # one per layer
     assert pc.warning_counts == {("0", "solver_fallback"): 3, ("2", "solver_fallback"): 3}
@@ -142,8 +142,8 @@ def test_step_survives_every_lapack_failure_of_the_lanczos_solver(monkeypatch):
     for n in pc.layers:
         torch.testing.assert_close(pc.layers[n].curvature.to_dense(),
                                    ref.layers[n].curvature.to_dense(), rtol=1e-8, atol=1e-12)
-        torch.testing.assert_close(pc.layers[n].adapter.grad_matrix(pc.layers[n].module),
-                                   ref.layers[n].adapter.grad_matrix(ref.layers[n].module),
+        torch.testing.assert_close(pc.layers[n].adapter.grad_matrix(),
+                                   ref.layers[n].adapter.grad_matrix(),
                                    rtol=1e-7, atol=1e-12)
 
 
@@ -169,7 +169,7 @@ def test_when_every_solver_fails_the_layer_keeps_its_previous_curvature(monkeypa
         if a is not None:
             torch.testing.assert_close(A, a.T @ a / 32, rtol=1e-13, atol=0)
         dense = s.curvature.to_dense(1e-2, pc.damping_scheme)
-        torch.testing.assert_close(vec(s.adapter.grad_matrix(s.module)),
+        torch.testing.assert_close(vec(s.adapter.grad_matrix()),
                                    torch.linalg.solve(dense, vec(grads[n])), rtol=1e-8,
                                    atol=1e-12)
     with warnings.catch_warnings():

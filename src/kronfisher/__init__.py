@@ -8,6 +8,7 @@ preconditioners :class:`KFAC`, :class:`KPSVD`, :class:`Deflation`, :class:`KFACC
 
 from . import optim
 from .curvature import METHODS, approximate
+from .layers import register_adapter
 from .linalg import KroneckerSum, exact_fisher_block
 from .losses import curvature_propagation_loss, exact_ggn_loss, sampled_nll
 from .preconditioner import (
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "KroneckerSum",
     "approximate",
+    "register_adapter",
     "exact_fisher_block",
     "METHODS",
     "sampled_nll",

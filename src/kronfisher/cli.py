@@ -52,6 +52,10 @@ def _cmd_train(args) -> int:
     if args.epochs is None and args.time_budget is None and args.iterations is None:
         args.epochs = 1.0
     cfg = _config(args, args.optimizer)
+    from .distributed.training import launched_by_torchrun
+
+    if launched_by_torchrun():
+        return _cmd_train_data_parallel(args, cfg)
     if args.out:
         try:  # before the training, not after it
             check_writable_dir(args.out)
@@ -87,6 +91,33 @@ def _cmd_train(args) -> int:
                   " above", file=sys.stderr)
             return 1
         print(f"wrote {args.out / 'run.json'}, " + " and ".join(names[1:]))
+    return 0 if res["status"] == "complete" else 1
+
+
+def _cmd_train_data_parallel(args, cfg) -> int:
+    """``train`` under torchrun: every rank trains its shard; rank 0 logs and writes once."""
+    import torch.distributed as dist
+
+    from .bench.io import save_json
+    from .distributed.training import init_from_env, train_data_parallel
+
+    init_from_env(args.device)
+    rank = dist.get_rank()
+    if args.out and rank == 0:
+        args.out.mkdir(parents=True, exist_ok=True)
+    tr, te = _load(args.problem)
+
+    def log(row):
+        print(f"epoch {row['epoch']:7.2f}  train {row['train_loss']:.4f}"
+              f"  test {row['test_loss']:.4f}  {row['wall_time']:.1f}s", flush=True)
+
+    res = train_data_parallel(cfg, tr, te, checkpoint=args.checkpoint,
+                              checkpoint_every=args.checkpoint_every, log=log)
+    if res is None:  # not rank 0: nothing to print or write
+        return 0
+    print(f"{args.optimizer} on {args.problem}, {res['world_size']} processes: {res['status']}")
+    if args.out:
+        print(f"wrote {save_json(args.out / 'run.json', res)}")
     return 0 if res["status"] == "complete" else 1
 
 

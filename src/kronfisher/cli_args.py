@@ -195,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, default=None,
                    help="folder for run.json, run.csv (per evaluation) and iterations.csv"
                         " (per step) (default: print only)")
+    t.add_argument("--checkpoint", type=Path, default=None, metavar="FILE",
+                   help="under torchrun: resume from FILE if it exists; rank 0 writes it"
+                        " every --checkpoint-every steps and at the end")
+    t.add_argument("--checkpoint-every", type=nonnegative_int, default=0, metavar="N",
+                   help="steps between checkpoints (default 0: only at the end)")
 
     c = sub.add_parser("compare", help="several optimizers under the same budget",
                        description="Train every optimizer on the same data and seed under the"

@@ -32,8 +32,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp
 
+from .curvature import ScaleShiftCurvature
 from .layers import LayerAdapter
 from .linalg import KroneckerSum
+from .linalg.diagonal_kronecker import DiagonalKroneckerSum
 from .preconditioner import Preconditioner
 
 __all__ = ["LayerScaleRow", "curvature_scale", "format_table", "random_directions",
@@ -98,21 +100,28 @@ def random_directions(shape: tuple[int, int], n: int, *, generator: torch.Genera
     return V.to(dtype=dtype, device=device)
 
 
-def curvature_quadratic_form(curvature: KroneckerSum | Tensor, V: Tensor) -> Tensor:
+def curvature_quadratic_form(
+        curvature: KroneckerSum | DiagonalKroneckerSum | ScaleShiftCurvature | Tensor,
+        V: Tensor) -> Tensor:
     """vec(V)ᵀ F̂ vec(V) for each V in (n, d_g, d_a), in float64.
 
-    ``curvature``: a :class:`KroneckerSum` (Σ ⟨V, G_k V A_kᵀ⟩) or a dense block in the
-    column-stacking vec convention (ExactNG).
+    ``curvature``: a :class:`KroneckerSum` (Σ ⟨V, G_k V A_kᵀ⟩), an embedding's
+    :class:`DiagonalKroneckerSum`, a scale-and-shift layer's per-feature blocks, or a dense
+    block in the column-stacking vec convention (ExactNG).
     """
     V = V.double()
-    if isinstance(curvature, KroneckerSum):
-        ks = KroneckerSum([(A.double(), G.double()) for A, G in curvature.terms])
+    if isinstance(curvature, ScaleShiftCurvature):  # Σ_j V_jᵀ F_j V_j, V_j = row j of V
+        return torch.einsum("ncp,cpq,ncq->n", V, curvature.blocks.double(), V)
+    if isinstance(curvature, KroneckerSum | DiagonalKroneckerSum):
+        ks = type(curvature)([(A.double(), G.double()) for A, G in curvature.terms])
         return (V * ks.matvec(V)).flatten(1).sum(1)
     v = V.mT.flatten(1)  # vec(V) = V.T.reshape(-1)
     return ((v @ curvature.double()) * v).sum(1)
 
 
-def top_eigenvalue(curvature: KroneckerSum | Tensor, *, generator: torch.Generator | None = None,
+def top_eigenvalue(curvature: KroneckerSum | DiagonalKroneckerSum | ScaleShiftCurvature
+                   | Tensor, *,
+                   generator: torch.Generator | None = None,
                    steps: int = LANCZOS_STEPS) -> float:
     """The largest-magnitude eigenvalue of the undamped curvature (float64).
 
@@ -121,14 +130,18 @@ def top_eigenvalue(curvature: KroneckerSum | Tensor, *, generator: torch.Generat
     Lanczos on :meth:`KroneckerSum.matvec` from a random start (``generator``), with full
     reorthogonalisation, stopped when the extreme Ritz value changes by < LANCZOS_RTOL.
     """
-    if not isinstance(curvature, KroneckerSum):
+    if isinstance(curvature, ScaleShiftCurvature):  # the blocks' eigenvalues are F̂'s
+        return float(torch.linalg.eigvalsh(curvature.blocks.double()).abs().max())
+    if not isinstance(curvature, KroneckerSum | DiagonalKroneckerSum):
         return float(torch.linalg.eigvalsh(curvature.double()).abs().max())
     terms = [(A.double(), G.double()) for A, G in curvature.terms]
     if len(terms) == 1:
-        ea, eg = torch.linalg.eigvalsh(terms[0][0]), torch.linalg.eigvalsh(terms[0][1])
+        A0 = terms[0][0]  # an embedding's A is the vector of its diagonal
+        ea = A0.sort().values if A0.ndim == 1 else torch.linalg.eigvalsh(A0)
+        eg = torch.linalg.eigvalsh(terms[0][1])
         products = torch.stack([ea[0] * eg[0], ea[0] * eg[-1], ea[-1] * eg[0], ea[-1] * eg[-1]])
         return float(products.abs().max())
-    ks = KroneckerSum(terms)
+    ks = type(curvature)(terms)
     d_g, d_a = ks.shape
     steps = min(steps, d_g * d_a)
     basis = torch.empty((steps, d_g * d_a), dtype=torch.float64, device=terms[0][0].device)
@@ -155,7 +168,7 @@ def top_eigenvalue(curvature: KroneckerSum | Tensor, *, generator: torch.Generat
 
 
 def ggn_quadratic_form(model: nn.Module, inputs: Tensor, loss_fn: Callable[[Tensor], Tensor],
-                       module: nn.Module, adapter: type[LayerAdapter], V: Tensor) -> Tensor:
+                       module: nn.Module, adapter: LayerAdapter, V: Tensor) -> Tensor:
     """vᵀJᵀHJv for each V in (n, d_g, d_a), v supported on ``module``'s parameters.
 
     Args:
@@ -175,7 +188,7 @@ def ggn_quadratic_form(model: nn.Module, inputs: Tensor, loss_fn: Callable[[Tens
         ValueError: ``module``'s parameters are not parameters of ``model``.
     """
     names = {id(p): n for n, p in model.named_parameters()}
-    params = adapter.params(module)
+    params = adapter.params()
     if not all(id(p) in names for p in params):
         raise ValueError(f"{type(module).__name__}'s parameters are not in the model")
     keys = [names[id(p)] for p in params]
@@ -188,7 +201,7 @@ def ggn_quadratic_form(model: nn.Module, inputs: Tensor, loss_fn: Callable[[Tens
     with torch.no_grad():
         for Vi in V:
             tangents = tuple(t.to(p.dtype) for t, p in
-                             zip(adapter.split_matrix(module, Vi), primals))
+                             zip(adapter.split_matrix(Vi), primals))
             forward = jvp(outputs, primals, tangents)  # (outputs, J v)
             y, Jv = forward[0], forward[1]
             HJv = vjp(grad(loss_fn), y)[1](Jv)[0]  # H symmetric: vjp = H (J v)
@@ -225,9 +238,9 @@ def curvature_scale(preconditioner: Preconditioner, model: nn.Module, inputs: Te
         if curvature is None:
             raise ValueError(f"layer {name!r} has no curvature yet: backward a curvature loss"
                              " inside collect() and call step() first")
-        params = s.adapter.params(s.module)
+        params = s.adapter.params()
         w = params[0]
-        shape = (w.shape[0], w[0].numel() + (len(params) - 1))  # (d_g, d_a), bias last
+        shape = s.adapter.layout.shape  # (d_g, d_a) of Θ
         V = random_directions(shape, n_vectors, generator=generator, dtype=w.dtype,
                               device=w.device)
         rows.append(LayerScaleRow(

@@ -33,8 +33,8 @@ def capture_layer_stats(model: nn.Module, module: nn.Module, x: Tensor, likeliho
     box: dict = {}
 
     def fwd(mod, inputs, output):
-        box["a"] = adapter.inputs(mod, inputs[0])
-        output.register_hook(lambda grad: box.__setitem__("g", adapter.output_grads(mod, grad)))
+        box["a"] = adapter.inputs(inputs[0])
+        output.register_hook(lambda grad: box.__setitem__("g", adapter.output_grads(grad)))
 
     handle = module.register_forward_hook(fwd)
     try:

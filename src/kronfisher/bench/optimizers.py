@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..layers import LayerStatistics
 from ..linalg import KroneckerSum
 from ..preconditioner import KFAC, KPSVD, Deflation, KFACCorrected, Lanczos
 from ..preconditioner.base import LayerState, Preconditioner
@@ -40,9 +41,10 @@ class IdentityCurvature(KroneckerPreconditioner):
     terms (1 for kfac/kpsvd, 2 for the others) and hence the damping formula.
     """
 
-    def _update_curvature(self, batch: dict[LayerState, tuple[Tensor, Tensor, tuple]]) -> None:
-        for s, (a, g, _) in batch.items():
+    def _update_curvature(self, batch: dict[LayerState, LayerStatistics]) -> None:
+        for s, stats in batch.items():
             if s.curvature is None:
+                a, g = stats.a, stats.g
                 da, dg = a.shape[-1], g.shape[-1]
                 eye_a = torch.eye(da, dtype=a.dtype, device=a.device)
                 eye_g = torch.eye(dg, dtype=g.dtype, device=g.device)

@@ -281,7 +281,7 @@ def train(cfg: RunConfig, train_data: Tensor, test_data: Tensor, *, progress: bo
             x = train_data[perm[b * bs:(b + 1) * bs]]
             sync()
             t0 = time.perf_counter()
-            if pc is not None and pc.steps % h.cov_update_freq == 0:
+            if pc is not None and pc.collect_due:  # the sampled pass only when it records
                 collect_curvature_batch(run, x)
             sync()
             t1 = time.perf_counter()

@@ -99,7 +99,15 @@ class KroneckerEstimator:
     def estimate(
         self, a: Tensor, g: Tensor, spatial: tuple[int, int], previous: KroneckerSum | None
     ) -> KroneckerSum:
+        """:meth:`estimate_masked` with the pair mask of a ``spatial`` = (h, w) output grid."""
+        return self.estimate_masked(a, g, self.pair_mask(spatial, a), previous)
+
+    def estimate_masked(
+        self, a: Tensor, g: Tensor, mask: Tensor | None, previous: KroneckerSum | None
+    ) -> KroneckerSum:
         """The approximation of this batch's Fisher block, warm-started from ``previous``.
+
+        ``mask``: the (T × T) position pairs kept (None: all pairs, or T = 1).
 
         Scale-safe: float16/bfloat16 statistics are computed in float32 (the result is a
         float32 KroneckerSum), and ``a`` and ``g`` are divided by powers of two near their
@@ -117,7 +125,7 @@ class KroneckerEstimator:
         if previous is not None and split != 1.0:
             init = KroneckerSum([(A / split, G / split) for A, G in previous.terms])
         ks = self._approximate(a / sa if sa != 1.0 else a, g / sg if sg != 1.0 else g,
-                               self.pair_mask(spatial, a), init)
+                               mask, init)
         if sa == 1.0 and sg == 1.0:
             return ks
         # KFAC's factors (and KFAC-corrected's first term) are (1/m) Σ a aᵀ and Σ g gᵀ;

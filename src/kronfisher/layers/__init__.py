@@ -1,31 +1,47 @@
-"""One small adapter per supported module type (exact type match; subclasses are skipped)."""
+"""One small adapter per supported module type (subclasses that keep the parent's forward too).
+
+An adapter is built per registered module (:func:`adapter_for`); it declares the layer's
+kind, produces typed :class:`LayerStatistics` and reads/writes the gradient matrix through
+the layer's :class:`ParamLayout` (the one home of the [W b] layout).
+"""
 
 from __future__ import annotations
 
-from torch import nn
-
-from .base import LayerAdapter, UnsupportedLayerError, append_ones
+from .base import LayerAdapter, UnsupportedLayerError, append_ones, per_example_gradients
 from .conv2d import Conv2dAdapter
+from .embedding import EmbeddingAdapter
 from .linear import LinearAdapter
-
-ADAPTERS: dict[type, type[LayerAdapter]] = {nn.Linear: LinearAdapter, nn.Conv2d: Conv2dAdapter}
-
-
-def adapter_for(module: nn.Module) -> type[LayerAdapter]:
-    """The adapter of ``module``; raises :class:`UnsupportedLayerError` if there is none."""
-    adapter = ADAPTERS.get(type(module))
-    if adapter is None:
-        raise UnsupportedLayerError(f"no adapter for {type(module).__name__}")
-    adapter.check(module)
-    return adapter
-
+from .param_layout import ParamLayout
+from .registry import (
+    ADAPTERS,
+    AdapterChoice,
+    adapter_for,
+    check_adapters,
+    register_adapter,
+    resolve,
+)
+from .scale_shift import SCALE_SHIFT_KIND, SCALE_SHIFT_TYPES, ScaleShiftAdapter
+from .statistics import PAIRINGS, LayerStatistics, Pairing
 
 __all__ = [
     "ADAPTERS",
     "LayerAdapter",
     "LinearAdapter",
     "Conv2dAdapter",
+    "EmbeddingAdapter",
+    "AdapterChoice",
+    "register_adapter",
+    "check_adapters",
+    "resolve",
+    "ScaleShiftAdapter",
+    "SCALE_SHIFT_KIND",
+    "SCALE_SHIFT_TYPES",
+    "per_example_gradients",
     "UnsupportedLayerError",
     "adapter_for",
     "append_ones",
+    "ParamLayout",
+    "LayerStatistics",
+    "Pairing",
+    "PAIRINGS",
 ]

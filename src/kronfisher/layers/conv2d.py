@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-from typing import cast
+from typing import ClassVar, cast
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import LayerAdapter, UnsupportedLayerError, append_ones
+from .statistics import Pairing
 
 
 class Conv2dAdapter(LayerAdapter):
-    """Adapter of ``nn.Conv2d`` (groups = 1, zero integer padding; any stride, dilation)."""
+    """Adapter of ``nn.Conv2d`` (groups = 1, zero integer padding; any stride, dilation).
 
-    @staticmethod
-    def check(module: nn.Module) -> None:
+    Kind "conv2d"; its positions are the output grid's locations.
+    """
+
+    kind: ClassVar[str] = "conv2d"
+    weight_only_block: ClassVar[bool] = True
+
+    @classmethod
+    def check(cls, module: nn.Module) -> None:
         """Raise :class:`UnsupportedLayerError` for groups ≠ 1, non-zero or string padding."""
         module = cast(nn.Conv2d, module)
         if module.groups != 1:
@@ -28,10 +35,9 @@ class Conv2dAdapter(LayerAdapter):
                 f"Conv2d with padding={module.padding!r}; give explicit integer padding"
             )
 
-    @staticmethod
-    def inputs(module: nn.Module, x: Tensor) -> Tensor:
+    def inputs(self, x: Tensor) -> Tensor:
         """Unfolded input patches (with 1 for the bias) as (m, T, d_a)."""
-        module = cast(nn.Conv2d, module)
+        module = cast(nn.Conv2d, self.module)
         if x.ndim != 4:
             raise UnsupportedLayerError(f"Conv2d input must be (N, C, H, W), got {tuple(x.shape)}")
         padding = cast(tuple[int, int], module.padding)  # string padding refused by check()
@@ -40,14 +46,12 @@ class Conv2dAdapter(LayerAdapter):
             stride=module.stride,
         )  # (m, C·kh·kw, T), channel-major like weight.reshape(out, -1)
         cols = cols.transpose(1, 2)
-        return append_ones(cols) if module.bias is not None else cols
+        return append_ones(cols) if self.bias is not None else cols
 
-    @staticmethod
-    def output_grads(module: nn.Module, grad_out: Tensor) -> Tensor:
+    def output_grads(self, grad_out: Tensor) -> Tensor:
         """Per-location output gradients as (m, T, d_g)."""
         return grad_out.detach().flatten(2).transpose(1, 2)  # (m, T, out)
 
-    @staticmethod
-    def spatial_shape(module: nn.Module, grad_out: Tensor) -> tuple[int, int]:
+    def pairing(self, grad_out: Tensor) -> Pairing:
         """The output grid (height, width)."""
-        return int(grad_out.shape[-2]), int(grad_out.shape[-1])
+        return Pairing("grid", (int(grad_out.shape[-2]), int(grad_out.shape[-1])))

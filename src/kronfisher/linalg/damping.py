@@ -13,7 +13,7 @@ from torch import Tensor
 from .numerics import sym
 
 __all__ = ["SCHEMES", "DampingScheme", "pi_factor", "first_term_shifts", "relative_abs",
-           "check_scheme"]
+           "check_scheme", "shifts_from_means"]
 
 DampingScheme = str  # one of SCHEMES
 SCHEMES = ("tikhonov", "factored", "factored_pi1", "authors")
@@ -31,8 +31,11 @@ def pi_factor(A: Tensor, G: Tensor) -> float:
 
     Returns 1 when either trace is not a positive finite number.
     """
-    ta = A.diagonal().sum().item() / A.shape[0]
-    tg = G.diagonal().sum().item() / G.shape[0]
+    return _pi(A.diagonal().sum().item() / A.shape[0], G.diagonal().sum().item() / G.shape[0])
+
+
+def _pi(ta: float, tg: float) -> float:
+    """π from the mean diagonal entries tr(A)/d_a and tr(G)/d_g (1 if either is not > 0)."""
     if not (ta > 0 and tg > 0 and math.isfinite(ta) and math.isfinite(tg)):
         return 1.0
     return math.sqrt(ta / tg)
@@ -57,10 +60,24 @@ def first_term_shifts(
         n_terms: number of terms of the sum.
     """
     if n_terms > 2 or (n_terms == 1 and scheme == "tikhonov") or damping == 0:
+        return None  # before reading the traces (a device sync)
+    return shifts_from_means(A.diagonal().sum().item() / A.shape[0],
+                             G.diagonal().sum().item() / G.shape[0], damping, scheme, n_terms)
+
+
+def shifts_from_means(
+    mean_a: float, mean_g: float, damping: float, scheme: DampingScheme, n_terms: int
+) -> tuple[float, float] | None:
+    """:func:`first_term_shifts` from the factors' mean diagonal entries tr(A)/d_a, tr(G)/d_g.
+
+    For factors not stored as dense matrices (an embedding's diagonal A): the rule is the
+    same, only π's traces are given.
+    """
+    if n_terms > 2 or (n_terms == 1 and scheme == "tikhonov") or damping == 0:
         return None
     r = math.sqrt(damping)
     if scheme in ("tikhonov", "factored"):
-        pi = pi_factor(A, G)
+        pi = _pi(mean_a, mean_g)
         return pi * r, r / pi
     if scheme == "authors" and n_terms == 2:
         return damping, damping

@@ -276,13 +276,13 @@ def approx_curvature_form(preconditioner: Preconditioner, names: Mapping[int, st
     mats: dict[str, Tensor] = {}
     covered: set[str] = set()
     for s in preconditioner.layers.values():
-        ps = s.adapter.params(s.module)
+        ps = s.adapter.params()
         keys = [names.get(id(p)) for p in ps]
         if not any(k in delta for k in keys if k is not None):
             continue  # no optimised parameter in this layer: δ is 0 there
         parts = [delta[k] if k is not None and k in delta else torch.zeros_like(p)
                  for k, p in zip(keys, ps)]
-        mats[s.name] = layer_matrix(parts)
+        mats[s.name] = s.adapter.to_matrix(parts)
         covered.update(k for k in keys if k is not None)
     products = preconditioner.curvature_product(mats) if mats else {}
     total = inner(mats, products) if mats else torch.zeros((), dtype=torch.float64)

@@ -9,13 +9,11 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from ..linalg import KroneckerSum, all_finite
-
 _LOW = (torch.float16, torch.bfloat16)
 
-__all__ = ["nonfinite_names", "curvature_finite", "check_curvature_shape", "grad_matrix_shape",
-           "typed_curvature", "check_positive_int", "check_damping", "check_options",
-           "checked_options", "as_int", "as_float", "KL_CLIP_MODES"]
+__all__ = ["nonfinite_names", "grad_matrix_shape", "typed_curvature", "check_positive_int",
+           "check_damping", "check_options", "checked_options", "as_int", "as_float",
+           "KL_CLIP_MODES"]
 
 KL_CLIP_MODES = ("lr2", "authors")
 
@@ -40,39 +38,9 @@ def nonfinite_names(named: list[tuple[str, Tensor]]) -> list[str]:
             if not bool(torch.isfinite(s)) and not bool(torch.isfinite(t).all())]
 
 
-def curvature_finite(curvature) -> bool:
-    """Whether a layer's curvature (a KroneckerSum or a dense tensor) is finite."""
-    if isinstance(curvature, KroneckerSum):
-        return all(all_finite(A) and all_finite(G) for A, G in curvature.terms)
-    if isinstance(curvature, Tensor):
-        return all_finite(curvature)
-    return True
-
-
-def check_curvature_shape(name: str, curvature, d_g: int, d_a: int) -> None:
-    """Raise ValueError unless a loaded curvature fits a (d_g, d_a) gradient matrix."""
-    if curvature is None:
-        return
-    if isinstance(curvature, KroneckerSum):
-        got, want = tuple(curvature.shape), (d_g, d_a)
-        what = "(d_g, d_a)"
-    elif isinstance(curvature, Tensor):
-        got, want = tuple(curvature.shape), (d_g * d_a, d_g * d_a)
-        what = "dense block"
-    else:
-        return
-    if got != want:
-        raise ValueError(
-            f"state_dict layer {name!r}: curvature {what} is {got}, this model's layer needs"
-            f" {want} (same layer names but other widths?)"
-        )
-
-
 def grad_matrix_shape(s) -> tuple[int, int]:
-    """(d_g, d_a) of a registered layer's gradient matrix [W b]."""
-    w = s.module.weight
-    bias = getattr(s.module, "bias", None)
-    return w.shape[0], w[0].numel() + (1 if bias is not None else 0)
+    """(d_g, d_a) of a registered layer's gradient matrix (its adapter's layout)."""
+    return s.adapter.layout.shape
 
 
 def typed_curvature(state, kind: type[C], owner: str, kind_name: str) -> C | None:

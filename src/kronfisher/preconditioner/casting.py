@@ -31,7 +31,7 @@ def _where(c) -> tuple[torch.dtype, torch.device] | None:
         return A.dtype, A.device
     if isinstance(c, Tensor):
         return c.dtype, c.device
-    return None
+    return None  # not a curvature ExactNG keeps: its own typed check refuses it
 
 
 def cast_curvature(c, dtype: torch.dtype, device: torch.device):
@@ -52,12 +52,21 @@ def follow_module(state: LayerState) -> bool:
     the same object as ``curvature`` when it was. Returns whether anything was cast.
     """
     dtype, device = curvature_dtype(state)
-    where = _where(state.curvature)
-    if where is None or where == (dtype, device):
+    block = state.block  # a layer's block knows its curvature's type; ExactNG has none
+    if state.curvature is None:
         return False
+    where = block.placement(state.curvature) if block is not None else _where(state.curvature)
+    if where == (dtype, device):
+        return False
+
+    def cast(c):
+        if c is None:
+            return None
+        return block.cast(c, dtype, device) if block is not None else cast_curvature(
+            c, dtype, device)
+
     same = state.inverse_source is state.curvature
-    state.curvature = cast_curvature(state.curvature, dtype, device)
-    state.inverse_source = state.curvature if same else cast_curvature(
-        state.inverse_source, dtype, device)
+    state.curvature = cast(state.curvature)
+    state.inverse_source = state.curvature if same else cast(state.inverse_source)
     state.inverse, state.inverse_damping = None, None
     return True

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..curvature.estimator import pow2_scale
+from ..layers import LayerAdapter, LayerStatistics, per_example_gradients
 from ..linalg import SingularFactorError
 from ..linalg.numerics import all_finite, eigh
 from ._checks import as_int, check_damping, grad_matrix_shape, typed_curvature
@@ -53,21 +55,25 @@ class FullFisherInverse:
     step: int
 
 
-def per_example_gradients(a: Tensor, g: Tensor) -> Tensor:
-    """vec(Σ_t g_{it} a_{it}ᵀ) for each example: (m, d_a·d_g), column-stacking vec."""
-    return torch.einsum("ita,itg->iag", a, g).reshape(a.shape[0], -1)
+def _scaled_jacobian(state: LayerState, stats: LayerStatistics) -> tuple[Tensor, float]:
+    """(J/c, c): the layer's per-example gradients divided by a power of two c (exact).
 
-
-def _scaled_jacobian(a: Tensor, g: Tensor) -> tuple[Tensor, float]:
-    """(J/c, c): per-example gradients divided by a power of two c (exact).
-
-    float16 and bfloat16 statistics are promoted to float32 (LAPACK has no half-precision
-    eigh); the scaling keeps JᵀJ from overflowing before it is scaled back by c².
+    J comes from the layer's adapter (vec(Σ_t g aᵀ) for dense and conv layers, an
+    embedding's from its token ids, [dγ; dβ] for scale-and-shift layers). float16 and
+    bfloat16 statistics are promoted to float32 (LAPACK has no half-precision eigh); the
+    scaling keeps JᵀJ from overflowing before it is scaled back by c². ``a`` is rescaled
+    only where J is linear in it; integer inputs (an embedding's token ids) are indices,
+    never scaled.
     """
-    if a.dtype in (torch.float16, torch.bfloat16):
-        a, g = a.float(), g.float()
-    sa, sg = pow2_scale(a), pow2_scale(g)
-    return per_example_gradients(a / sa, g / sg), sa * sg
+    a, g = stats.a, stats.g
+    low = (torch.float16, torch.bfloat16)
+    if g.dtype in low:
+        g = g.float()
+    if a.dtype in low:
+        a = a.float()
+    sa = pow2_scale(a) if a.is_floating_point() and state.adapter.inputs_rescalable else 1.0
+    sg = pow2_scale(g)
+    return state.adapter.per_example_gradients(a / sa if sa != 1.0 else a, g / sg), sa * sg
 
 
 def _fisher(Js: list[tuple[Tensor, float]]) -> Tensor:
@@ -82,34 +88,56 @@ def _dense_curvature(state: LayerState) -> Tensor | None:
     return typed_curvature(state, Tensor, "ExactNG's", "dense Tensor")
 
 
+def _dense_curvature_value(state: LayerState, c) -> Tensor | None:
+    """``c`` (a curvature of ``state``), checked to be a dense Tensor or None."""
+    if c is not None and not isinstance(c, Tensor):
+        raise TypeError(f"layer {state.name!r}: ExactNG's curvature must be a dense Tensor,"
+                        f" got {type(c).__name__}")
+    return c
+
+
 class ExactNG(Preconditioner):
     """Natural gradient with the exact Fisher, solved densely — the reference baseline.
 
     With ``block_diagonal=True`` each layer uses its exact block
     F_l = (1/m) Σᵢ vec(∇_l ℓᵢ) vec(∇_l ℓᵢ)ᵀ; with ``False`` all registered layers share
     the full Fisher, cross-layer blocks included. Per-example gradients come from the
-    same captured (a, g) as the Kronecker methods (exact for Linear and Conv2d). The
+    same captured (a, g) as the Kronecker methods, by each adapter's
+    ``per_example_gradients`` (exact for Linear and Conv2d; for an embedding all its
+    positions are summed per example, so its block is the exact one, not "expand"; for a
+    scale-and-shift layer [dγ; dβ], so its block is the whole (2C × 2C) Fisher of its
+    parameters, not only the per-feature 2×2 blocks the Kronecker preconditioners use). The
     update is (F + λI)⁻¹ ∇, via an eigendecomposition refreshed every
     ``inv_update_freq`` steps. Refuses models whose registered layers have more than
     ``max_params`` parameters (the dense Fisher has that size squared). float16/bfloat16
     models keep their curvature in float32. With ``damping=0`` a singular block raises
-    :class:`~kronfisher.linalg.SingularFactorError` naming the layer.
+    :class:`~kronfisher.linalg.SingularFactorError` naming the layer. The other arguments
+    are :class:`Preconditioner`'s (callable ``damping``/``lr``, ``lr=optimizer``,
+    ``skip_layers``).
     """
+
+    @property
+    def _per_layer_precondition(self) -> bool:  # type: ignore[override]
+        """The full Fisher couples every layer: data parallel, every rank solves it."""
+        return self.block_diagonal
 
     def __init__(
         self,
         model: nn.Module,
         *,
-        damping: float = 1e-3,
+        damping: float | Callable[[int], float] = 1e-3,
         block_diagonal: bool = True,
         ema_decay: float = 0.95,
         cov_update_freq: int = 1,
         inv_update_freq: int = 1,
         kl_clip: float | None = None,
-        lr: float | None = None,
+        lr: float | Callable[[int], float] | torch.optim.Optimizer | None = None,
         max_params: int = 10_000,
         nonfinite: str = "skip",
         kl_clip_mode: str = "lr2",
+        skip_layers: Iterable[str | type[nn.Module]] | None = None,
+        process_group: object = None,
+        adapters: Mapping[type[nn.Module], type[LayerAdapter]] | None = None,
     ):
         if block_diagonal not in (True, False):
             raise ValueError(f"block_diagonal must be True or False, got {block_diagonal!r}")
@@ -118,10 +146,10 @@ class ExactNG(Preconditioner):
         super().__init__(
             model, damping=damping, ema_decay=ema_decay, cov_update_freq=cov_update_freq,
             inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
-            kl_clip_mode=kl_clip_mode,
+            kl_clip_mode=kl_clip_mode, skip_layers=skip_layers,
+            process_group=process_group, adapters=adapters,
         )
-        sizes = {n: sum(p.numel() for p in s.adapter.params(s.module))
-                 for n, s in self.layers.items()}
+        sizes = {n: s.adapter.layout.n_params for n, s in self.layers.items()}
         total = sum(sizes.values())
         largest = total if not block_diagonal else max(sizes.values())
         if largest > max_params:
@@ -130,6 +158,7 @@ class ExactNG(Preconditioner):
                 f" ({'full' if not block_diagonal else 'largest block'}); the limit is"
                 f" max_params={max_params}. Use a Kronecker method or raise max_params."
             )
+        # each layer's vec(Θ) (column stacking of its [W b] layout) in the full Fisher
         self._offsets, off = {}, 0
         for n, k in sizes.items():
             self._offsets[n] = (off, off + k)
@@ -139,10 +168,10 @@ class ExactNG(Preconditioner):
         self._full_inverse: FullFisherInverse | None = None
 
     # -------------------------------------------------------------- curvature
-    def _update_curvature(self, batch: dict[LayerState, tuple[Tensor, Tensor, tuple]]) -> None:
+    def _update_curvature(self, batch: dict[LayerState, LayerStatistics]) -> None:
         if self.block_diagonal:
-            for s, (a, g, _) in batch.items():
-                F = _fisher([_scaled_jacobian(a, g)])
+            for s, stats in batch.items():
+                F = _fisher([_scaled_jacobian(s, stats)])
                 rho = self._decay(s)
                 old = _dense_curvature(s)
                 s.curvature = F if old is None or rho == 0 else rho * old + (1 - rho) * F
@@ -153,10 +182,10 @@ class ExactNG(Preconditioner):
             raise RuntimeError(
                 f"full-Fisher ExactNG needs statistics of every layer; missing {missing}"
             )
-        ms = {a.shape[0] for a, _, _ in batch.values()}
+        ms = {stats.m for stats in batch.values()}
         if len(ms) != 1:
             raise RuntimeError("all layers must see the same examples for the full Fisher")
-        F = _fisher([_scaled_jacobian(a, g) for s, (a, g, _) in
+        F = _fisher([_scaled_jacobian(s, stats) for s, stats in
                      sorted(batch.items(), key=lambda kv: self._offsets[kv[0].name][0])])
         if not all_finite(F):
             bad = [n for n, (lo, hi) in self._offsets.items()
@@ -274,11 +303,13 @@ class ExactNG(Preconditioner):
         return out
 
     # -------------------------------------------------------------- state
-    def _pack(self, curvature):
-        return None if curvature is None else curvature.clone()
+    def _pack(self, state: LayerState, curvature):
+        c = _dense_curvature_value(state, curvature)
+        return None if c is None else c.clone()
 
-    def _unpack(self, packed):
-        return packed
+    def _finite(self, state: LayerState, curvature) -> bool:
+        c = _dense_curvature_value(state, curvature)
+        return c is None or all_finite(c)
 
     def _after_cast(self, layers: list[LayerState]) -> None:
         if self.block_diagonal or self._full is None:

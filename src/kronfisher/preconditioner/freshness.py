@@ -60,7 +60,7 @@ def classify_grads(layers: list[LayerState], written: WrittenGrads) -> GradFresh
         if s.module.weight.grad is None:
             out.none.append(s.name)
             continue
-        states = {written.state(p) for p in s.adapter.params(s.module)}
+        states = {written.state(p) for p in s.adapter.params()}
         if GradState.MIXED in states:
             out.mixed.append(s.name)
         elif GradState.STALE in states:

@@ -72,12 +72,17 @@ class ModelHooks:
             gradient into ``param.grad``.
         params: the registered parameters (those that do not require a gradient are
             skipped: torch refuses hooks on them, and they never get a gradient).
+        forward_pre: its bound method ``(module, inputs)`` called before every module's
+            forward (optional).
     """
 
     def __init__(self, owner: object, forward: Callable, accumulated: Callable,
-                 params: Iterable[Tensor]) -> None:
+                 params: Iterable[Tensor], forward_pre: Callable | None = None) -> None:
         self._handles: list[RemovableHandle] = [
             nn.modules.module.register_module_forward_hook(WeakHook(forward))]
+        if forward_pre is not None:
+            self._handles.append(
+                nn.modules.module.register_module_forward_pre_hook(WeakHook(forward_pre)))
         hook = WeakHook(accumulated)
         for p in params:
             if p.requires_grad:

@@ -1,14 +1,26 @@
-"""Kronecker-factored preconditioners: one class, parameterised by a curvature estimator."""
+"""Kronecker-factored preconditioners: one class that asks each layer's curvature block.
+
+The preconditioner knows no method and no curvature type: each registered layer gets a
+:class:`~kronfisher.curvature.CurvatureBlock` chosen by (layer kind, method) from
+:data:`~kronfisher.curvature.DEFAULT_BLOCKS` (or the ``blocks=`` overrides), and every
+curvature operation — estimate, average, finite check, factorise, solve, product, pack,
+unpack — is that block's.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
 from torch import Tensor, nn
 
-from ..curvature import KroneckerEstimator
-from ..curvature.estimator import CurvatureSolveError, SolverFallback
-from ..curvature.methods import method_rank
-from ..linalg import SCHEMES, KroneckerFactorization, KroneckerSum, SingularFactorError
-from ._checks import grad_matrix_shape, typed_curvature
+from ..curvature import WEIGHT_SHARING, BlockOptions, CurvatureBlock, KroneckerEstimator
+from ..curvature.kronecker_block import KroneckerBlock
+from ..curvature.registry import block_class, check_overrides
+from ..curvature.scale_shift import check_scale_shift_mode
+from ..layers import LayerAdapter, LayerStatistics
+from ..linalg import SCHEMES
 from .base import LayerState, Preconditioner
 from .casting import curvature_dtype
 from .state import state_kind
@@ -16,22 +28,13 @@ from .warning_log import WarningLog
 
 __all__ = ["KroneckerPreconditioner", "KFAC", "KPSVD", "Deflation", "KFACCorrected", "Lanczos"]
 
-SINGULAR_RETRIES = 3
-"""Retries with 10× the damping after a SingularFactorError (λ, 10λ, 100λ, 1000λ)."""
-RETRY_MIN_DAMPING = 1e-8
-"""Damping of the first retry when the damping was 0."""
-
-
-def _kronecker_curvature(state: LayerState) -> KroneckerSum | None:
-    """The layer's curvature, which every Kronecker method keeps as a KroneckerSum."""
-    return typed_curvature(state, KroneckerSum, "a Kronecker preconditioner's", "KroneckerSum")
-
 
 class KroneckerPreconditioner(Preconditioner):
     """Natural-gradient preconditioner with a Kronecker-structured curvature per layer.
 
-    Each layer's gradient matrix V (d_g × d_a, bias last column) is replaced by
-    ``curvature.solve(V, damping, damping_scheme)`` (see :class:`KroneckerSum`).
+    Each layer's gradient matrix V (d_g × d_a, bias last column) is replaced by the
+    solve of its curvature block (for dense and conv layers ``curvature.solve(V, damping,
+    damping_scheme)``, see :class:`KroneckerSum`).
 
     Args (besides :class:`Preconditioner`'s):
         method: "kfac", "kpsvd", "deflation", "kfac_corrected" or "lanczos".
@@ -47,7 +50,28 @@ class KroneckerPreconditioner(Preconditioner):
             1 + |s_g||s_a| for two terms). See :class:`~kronfisher.KroneckerSum`.
         kl_clip_mode: "lr2" or "authors" (see :class:`Preconditioner`).
         ema_counter: "updates" or "steps" (see :class:`Preconditioner`).
+        process_group: data-parallel training (see :class:`Preconditioner`).
         tol, max_iter: solver tolerance (relative) and iteration cap.
+        weight_sharing: how the positions of a Linear layer on inputs (B, …, d_in) (or the
+            calls of one Linear module in one forward) enter its Fisher block: "expand"
+            (default; positions as tokens, normalised by the examples), "reduce" (inputs
+            averaged and output gradients summed over positions) or "exact" (the exact
+            block, all pairs of positions of an example; KFAC then uses "expand"'s
+            factors). See :class:`~kronfisher.curvature.DenseKroneckerBlock`. A 2-D
+            input has one position: every mode is the same there.
+        scale_shift: the block of scale-and-shift layers (LayerNorm, BatchNorm1d/2d,
+            GroupNorm; the same for every method): "full" (the exact 2×2 Fisher block of
+            (γ_j, β_j) per feature) or "diagonal" (its diagonal). Their damped matrix is
+            F_j + λI under every ``damping_scheme``.
+        blocks: overrides of the curvature block per layer name or layer kind (a name
+            wins over a kind; the default map is
+            :data:`~kronfisher.curvature.DEFAULT_BLOCKS`).
+        adapters: module type → adapter class for this preconditioner only (see
+            :class:`Preconditioner`).
+
+    Raises:
+        ValueError: bad options, or a layer kind without a block for this method.
+        TypeError: ``blocks`` is not a mapping to :class:`CurvatureBlock` subclasses.
 
     Repeated conditions warn once per layer and kind and are counted in
     :attr:`warning_counts` (see :mod:`~kronfisher.preconditioner.warning_log`): a two-term
@@ -63,12 +87,12 @@ class KroneckerPreconditioner(Preconditioner):
         model: nn.Module,
         *,
         method: str | None = None,
-        damping: float = 1e-3,
+        damping: float | Callable[[int], float] = 1e-3,
         ema_decay: float = 0.95,
         cov_update_freq: int = 1,
         inv_update_freq: int = 1,
         kl_clip: float | None = None,
-        lr: float | None = None,
+        lr: float | Callable[[int], float] | torch.optim.Optimizer | None = None,
         solver: str = "auto",
         rank: int | None = None,
         conv_radius: int | str = 0,
@@ -78,149 +102,124 @@ class KroneckerPreconditioner(Preconditioner):
         nonfinite: str = "skip",
         kl_clip_mode: str = "lr2",
         ema_counter: str = "updates",
+        skip_layers: Iterable[str | type[nn.Module]] | None = None,
+        process_group: object = None,
+        weight_sharing: str = "expand",
+        blocks: Mapping[str, type[CurvatureBlock]] | None = None,
+        adapters: Mapping[type[nn.Module], type[LayerAdapter]] | None = None,
+        scale_shift: str = "full",
     ):
         method = method or self.method
+        self.scale_shift = check_scale_shift_mode(scale_shift)
         if damping_scheme not in SCHEMES:
             raise ValueError(f"damping_scheme must be one of {SCHEMES}, got {damping_scheme!r}")
         self.estimator = KroneckerEstimator(
             method, solver=solver, rank=rank, conv_radius=conv_radius, tol=tol,
             max_iter=max_iter,
         )
+        overrides = check_overrides(blocks)
+        if weight_sharing not in WEIGHT_SHARING:
+            raise ValueError(f"weight_sharing must be one of {WEIGHT_SHARING}, got"
+                             f" {weight_sharing!r}")
+        self.weight_sharing = weight_sharing
         self.method = method
         self.damping_scheme = damping_scheme
         self.warning_log = WarningLog()
         super().__init__(
             model, damping=damping, ema_decay=ema_decay, cov_update_freq=cov_update_freq,
             inv_update_freq=inv_update_freq, kl_clip=kl_clip, lr=lr, nonfinite=nonfinite,
-            kl_clip_mode=kl_clip_mode, ema_counter=ema_counter,
+            kl_clip_mode=kl_clip_mode, ema_counter=ema_counter, skip_layers=skip_layers,
+            process_group=process_group, adapters=adapters,
         )
+        options = BlockOptions(self.estimator, self.warning_log, weight_sharing,
+                               scale_shift=self.scale_shift, sync=self.sync)
+        for s in self.layers.values():
+            cls = block_class(s.name, s.adapter.kind, method, overrides)
+            s.block = cls(s.name, s.adapter, options)
 
     @property
     def warning_counts(self) -> dict[tuple[str, str], int]:
         """Occurrences of each summarised warning so far, by (layer name, kind)."""
         return dict(self.warning_log.counts)
 
-    def _update_curvature(self, batch: dict[LayerState, tuple[Tensor, Tensor, tuple]]) -> None:
-        for s, (a, g, spatial) in batch.items():
-            new = self._estimate(s, a, g, spatial)
-            if new is None:  # every solver failed: the previous curvature stays
+    @staticmethod
+    def _block(state: LayerState) -> CurvatureBlock:
+        if state.block is None:  # set for every layer at construction
+            raise RuntimeError(f"layer {state.name!r} has no curvature block")
+        return state.block
+
+    def _update_curvature(self, batch: dict[LayerState, LayerStatistics]) -> None:
+        for s, stats in batch.items():
+            block = self._block(s)
+            new = block.estimate(stats, s.curvature)
+            if new is None:  # the block keeps the previous curvature
                 continue
-            new = self._adjust_estimate(new, a)
-            s.curvature = self.estimator.average(_kronecker_curvature(s), new, self._decay(s))
+            if type(self)._adjust_estimate is not KroneckerPreconditioner._adjust_estimate:
+                # data parallel: applied to the inputs of the whole batch (sync)
+                new = self.sync.adjust(s.name, self._adjust_estimate, new, stats.a)
+            s.curvature = block.average(s.curvature, new, self._decay(s))
             s.updates += 1
 
-    def _adjust_estimate(self, new: KroneckerSum, a: Tensor) -> KroneckerSum:
+    def _adjust_estimate(self, new: Any, a: Tensor) -> Any:
         """Hook applied to each new estimate before the running average (identity here)."""
         return new
 
-    def _estimate(self, s: LayerState, a: Tensor, g: Tensor, spatial: tuple
-                  ) -> KroneckerSum | None:
-        """This batch's estimate, or None to keep the previous curvature.
+    def _gathers_statistics(self, state: LayerState) -> bool:
+        """Data parallel: only blocks other than Kronecker ones get every rank's statistics.
 
-        A LAPACK failure of the solver never escapes: the estimator tries the other
-        solvers; if all fail the layer keeps its previous curvature, or, with none yet,
-        gets KFAC's factors (padded with zero terms). Each case is summarised in
-        :attr:`warning_log`.
+        A Kronecker block's estimate is reduced across the ranks instead (through
+        ``sync``, given in its ``BlockOptions``).
         """
-        old = _kronecker_curvature(s)
-        try:
-            new = self.estimator.estimate(a, g, spatial, old)
-        except CurvatureSolveError as e:
-            if old is not None:
-                self.warning_log.report(
-                    s.name, "curvature_kept", f"layer {s.name!r}: {e}; this curvature batch is"
-                    " dropped and the layer keeps its previous curvature", stacklevel=6)
-                return None
-            self.warning_log.report(
-                s.name, "curvature_kept", f"layer {s.name!r}: {e}; no previous curvature, so"
-                " the layer uses KFAC's factors for this batch", stacklevel=6)
-            return self.estimator.kfac_fallback(a, g)
-        fallback = new.info.get("fallback")
-        if isinstance(fallback, SolverFallback):
-            self.warning_log.report(
-                s.name, "solver_fallback", f"layer {s.name!r}: the {self.method} solver failed"
-                f" ({'; '.join(fallback.failed)}); used the {fallback.used!r} solver instead",
-                stacklevel=6)
-        return new
+        return not isinstance(state.block, KroneckerBlock)
+
+    def _finite(self, state: LayerState, curvature) -> bool:
+        return self._block(state).finite(curvature)
 
     def _refresh_inverse(self, state: LayerState) -> None:
-        curvature = _kronecker_curvature(state)
-        if curvature is None:  # step() checks this before refreshing
+        if state.curvature is None:  # step() checks this before refreshing
             raise RuntimeError(f"layer {state.name!r} has no curvature to factorise yet")
-        self._factorize(state, curvature, self.damping)
+        self._factorize(state, state.curvature, self.damping)
 
-    def _factorize(self, state: LayerState, source: KroneckerSum, damping: float,
+    def _factorize(self, state: LayerState, source, damping: float,
                    scheme: str | None = None) -> None:
-        """Factorise ``source`` with ``damping`` into ``state.inverse``.
+        """Factorise ``source`` with ``damping`` into ``state.inverse`` (the block's way).
 
-        A singular damped matrix is retried with 10× the damping (at least 1e-8), up to
-        three times; the factorisation records the damping it was actually built with.
-        Retries and clamped two-term eigenvalues are summarised in :attr:`warning_log`
-        (one warning per layer and kind, every occurrence counted). ``scheme``: the damping
-        scheme (default: this one's).
+        ``scheme``: the damping scheme (default: this one's).
         """
-        lam = damping
-        fac: KroneckerFactorization | None = None
-        for attempt in range(SINGULAR_RETRIES + 1):
-            try:
-                fac = source.factorize(lam, scheme or self.damping_scheme, warn=False)
-                break
-            except SingularFactorError as e:
-                if attempt == SINGULAR_RETRIES:
-                    raise SingularFactorError(
-                        f"layer {state.name!r}: cannot factorise the damped curvature even with"
-                        f" damping {lam:g}: {e}"
-                    ) from e
-                lam = max(lam * 10.0, RETRY_MIN_DAMPING)
-                self.warning_log.report(
-                    state.name, "singular_retry",
-                    f"layer {state.name!r}: {e}; retrying with damping {lam:g}", stacklevel=5)
-        if fac is not None and fac.clamped:
-            self.warning_log.report(
-                state.name, "clamped", f"layer {state.name!r}: the two-term Kronecker"
-                f" approximation is not positive definite in {fac.clamped} direction(s) at"
-                f" damping {fac.damping:g}: 1 + s_g s_a raised to the floor there",
-                stacklevel=5)
+        fac = self._block(state).factorize(source, damping, scheme or self.damping_scheme)
         state.inverse_source, state.inverse_damping = source, damping
         state.inverse = fac
 
     def _precondition(self, grads: dict[LayerState, Tensor]) -> dict[LayerState, Tensor]:
-        out = {}
-        for s, G in grads.items():
-            if not isinstance(s.inverse, KroneckerFactorization):  # step() refreshed it
-                raise RuntimeError(f"layer {s.name!r} has no Kronecker factorisation")
-            out[s] = s.inverse.solve(G).to(G.dtype)
-        return out
+        return {s: self._block(s).precondition(s.inverse, G) for s, G in grads.items()}
 
     def curvature_product(self, mats: dict[str, Tensor]) -> dict[str, Tensor]:
-        """M vec(V) per layer with M the damped Kronecker matrix each layer's solve inverts.
+        """M vec(V) per layer with M the damped matrix each layer's solve inverts.
 
         See :meth:`Preconditioner.curvature_product`; M is the current factorisation's
-        (:meth:`~kronfisher.linalg.KroneckerFactorization.apply`), with the damping it was
-        built with.
+        (e.g. :meth:`~kronfisher.linalg.KroneckerFactorization.apply`), with the damping
+        it was built with.
         """
         out = {}
         for name, V in mats.items():
-            fac = self._registered(name).inverse
-            if not isinstance(fac, KroneckerFactorization):
+            s = self._registered(name)
+            if s.inverse is None:
                 raise RuntimeError(f"layer {name!r} has no factorisation yet: call step() first")
-            if tuple(V.shape) != fac.shape:
+            shape = s.adapter.layout.shape
+            if tuple(V.shape) != shape:
                 raise ValueError(f"layer {name!r}: V has shape {tuple(V.shape)}, the layer's"
-                                 f" gradient matrix is {fac.shape}")
-            out[name] = fac.apply(V).to(V.dtype)
+                                 f" gradient matrix is {shape}")
+            out[name] = self._block(s).curvature_product(s.inverse, V)
         return out
 
-    def _pack(self, curvature):
-        if curvature is None:
-            return None
-        return [(A.clone(), G.clone()) for A, G in curvature.terms]
-
-    def _unpack(self, packed):
-        return None if packed is None else KroneckerSum([tuple(t) for t in packed])
+    def _pack(self, state: LayerState, curvature):
+        return self._block(state).pack(curvature)
 
     def _extra_state(self) -> dict:
         return {"kind": "kronecker", "method": self.method, "damping_scheme": self.damping_scheme,
-                "rank": self.estimator.rank, "conv_radius": self.estimator.conv_radius}
+                "solver": self.estimator.solver, "rank": self.estimator.rank,
+                "conv_radius": self.estimator.conv_radius, "weight_sharing": self.weight_sharing,
+                "scale_shift": self.scale_shift}
 
     def _check_extra_state(self, extra: dict) -> dict:
         kind = state_kind(extra)
@@ -235,7 +234,9 @@ class KroneckerPreconditioner(Preconditioner):
                 " load it into a preconditioner of that method (the curvature of one method"
                 " is not the curvature of another)")
         for key, mine in (("rank", self.estimator.rank),
-                          ("conv_radius", self.estimator.conv_radius)):
+                          ("conv_radius", self.estimator.conv_radius),
+                          ("weight_sharing", self.weight_sharing),
+                          ("scale_shift", self.scale_shift)):
             if key in extra and extra[key] != mine:
                 raise ValueError(f"state_dict was made with {key}={extra[key]!r}, this"
                                  f" {type(self).__name__} has {key}={mine!r}")
@@ -244,29 +245,10 @@ class KroneckerPreconditioner(Preconditioner):
             raise ValueError(f"state_dict damping_scheme must be one of {SCHEMES}, got {scheme!r}")
         return {"damping_scheme": scheme}
 
-    def _check_packed(self, state: LayerState, key: str, packed) -> KroneckerSum:
-        where = f"state_dict layer {state.name!r}: the saved {key}"
-        pairs = isinstance(packed, list | tuple) and all(
-            isinstance(t, list | tuple) and len(t) == 2
-            and all(isinstance(x, Tensor) and x.dtype.is_floating_point and x.ndim == 2
-                    for x in t) for t in packed)
-        if not pairs or not packed:
-            raise ValueError(f"{where} is not a list of (A, G) floating-point matrix pairs"
-                             f" (got {type(packed).__name__}; a state of ExactNG?)")
-        n_terms = method_rank(self.method, self.estimator.rank)
-        if len(packed) != n_terms:
-            rank = f" (rank={self.estimator.rank})" if self.estimator.rank is not None else ""
-            raise ValueError(f"{where} has {len(packed)} Kronecker term(s), this"
-                             f" {type(self).__name__}{rank} keeps {n_terms}")
-        d_g, d_a = grad_matrix_shape(state)
-        for A, G in packed:
-            if tuple(A.shape) != (d_a, d_a) or tuple(G.shape) != (d_g, d_g):
-                raise ValueError(
-                    f"{where} has factors A {tuple(A.shape)}, G {tuple(G.shape)}; this model's"
-                    f" layer needs A ({d_a}, {d_a}), G ({d_g}, {d_g}) (same layer names but"
-                    " other widths?)")
+    def _check_packed(self, state: LayerState, key: str, packed):
         dtype, device = curvature_dtype(state)
-        return KroneckerSum([(A.to(device, dtype), G.to(device, dtype)) for A, G in packed])
+        return self._block(state).unpack(
+            packed, f"state_dict layer {state.name!r}: the saved {key}", dtype, device)
 
     def _factorize_loaded(self, state: LayerState, source, damping: float, extra: dict) -> None:
         self._factorize(state, source, damping, extra["damping_scheme"])

@@ -2,7 +2,7 @@
 
 :class:`StateDictMixin` gives :class:`~kronfisher.preconditioner.Preconditioner` its
 ``state_dict`` / ``load_state_dict`` methods; a subclass supplies the hooks ``_pack``,
-``_unpack``, ``_factorize``, ``_check_packed``, ``_check_extra_state`` and optionally
+``_finite``, ``_factorize``, ``_check_packed``, ``_check_extra_state`` and optionally
 ``_extra_state`` / ``_load_extra_state`` / ``_factorize_loaded``.
 
 ``load_state_dict`` validates the whole state — kind of preconditioner and its settings
@@ -11,20 +11,28 @@ constructor's checks), step counts, every layer's curvature (kind, terms, shapes
 finiteness) — and factorises the saved inverses before it changes anything, so a refused
 state leaves the preconditioner exactly as it was. Saved tensors are cast to each layer's
 curvature dtype and device (its module's, float32 for half-precision modules).
+
+Format version: ``state["version"]`` is :data:`STATE_VERSION` (1). A state without the
+key (written before it existed) has the same layout and is read as version 1; a newer
+version is refused with a clear ``ValueError`` (it may hold what this code cannot read).
+Hyper-parameters given as callables (``damping``, ``lr``) or an optimizer (``lr``) are
+code, not state: they are left out of ``"hyper"``, and a preconditioner built with one
+keeps it when it loads a state (the restored :attr:`steps` puts the schedule where it was).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from torch import Tensor
-
-from ..linalg import KroneckerSum
-from ._checks import as_int, check_damping, checked_options, curvature_finite
+from ._checks import as_int, check_damping, checked_options
 from .layer_state import Factorization, LayerState
 from .written import WrittenGrads
 
-__all__ = ["StateDictMixin", "HYPER", "state_kind"]
+__all__ = ["StateDictMixin", "HYPER", "STATE_VERSION", "state_kind"]
+
+STATE_VERSION = 1
+"""The state_dict format this code writes (and the newest it reads)."""
 
 # the hyper-parameters a state_dict carries (attribute names of the preconditioner)
 HYPER = ("damping", "ema_decay", "cov_update_freq", "inv_update_freq", "kl_clip",
@@ -47,8 +55,8 @@ class LayerLoad:
     """One layer's checked state, ready to be installed."""
 
     updates: int
-    curvature: KroneckerSum | Tensor | None
-    inverse_source: KroneckerSum | Tensor | None
+    curvature: Any
+    inverse_source: Any
     inverse: Factorization | None
     inverse_damping: float | None
 
@@ -74,26 +82,35 @@ class StateDictMixin:
     nonfinite: str
     _written: WrittenGrads
 
+    def _scheduled_hyper(self) -> set[str]:
+        """Hyper-parameters given as callables or an optimizer (left out of the state)."""
+        return set()
+
     def state_dict(self) -> dict:
         """Everything needed for a resumed run to produce the same preconditioned gradients.
 
-        Plain Python values and tensors only (``torch.load(..., weights_only=True)`` reads it).
+        Plain Python values and tensors only (``torch.load(..., weights_only=True)`` reads it):
+        ``version`` (:data:`STATE_VERSION`), step counts, the hyper-parameters given as
+        numbers, per-layer curvature and inverse source, and under ``extra`` the method's
+        configuration (Kronecker: method, solver, rank, conv_radius, damping_scheme).
         """
         layers = {}
         for name, s in self.layers.items():
             layers[name] = {
                 "updates": s.updates,
-                "curvature": self._pack(s.curvature),
+                "curvature": self._pack(s, s.curvature),
                 "inverse_source": None
                 if s.inverse_source is s.curvature
-                else self._pack(s.inverse_source),
+                else self._pack(s, s.inverse_source),
                 "inverse_is_curvature": s.inverse_source is s.curvature,
                 "inverse_damping": s.inverse_damping,
             }
+        sched = self._scheduled_hyper()
         return {
+            "version": STATE_VERSION,
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
-            "hyper": {k: getattr(self, k) for k in self._HYPER},
+            "hyper": {k: getattr(self, k) for k in self._HYPER if k not in sched},
             "layers": layers,
             "extra": self._extra_state(),
         }
@@ -103,7 +120,8 @@ class StateDictMixin:
 
         Raises:
             ValueError: the state is not a state_dict of this kind of preconditioner with
-                these settings (another method, ExactNG mode, rank or conv radius), has
+                these settings (another method, ExactNG mode, rank or conv radius), is of a
+                newer format version than :data:`STATE_VERSION`, has
                 missing entries, hyper-parameters the constructor would refuse, other layer
                 names, or a layer whose saved curvature does not fit this model's layer or
                 is not finite. The preconditioner is unchanged then.
@@ -128,6 +146,11 @@ class StateDictMixin:
         if missing:
             raise ValueError(f"state_dict is missing {missing} (not a kronfisher preconditioner"
                              " state_dict?)")
+        version = as_int("state_dict 'version'", state.get("version", 1))
+        if version > STATE_VERSION:
+            raise ValueError(f"state_dict is of format version {version}, newer than this"
+                             f" kronfisher reads ({STATE_VERSION}): load it with the kronfisher"
+                             " version that wrote it, or a newer one")
         if not isinstance(state["extra"], dict):
             raise ValueError("state_dict 'extra' must be a dict")
         extra = self._check_extra_state(state["extra"])
@@ -149,14 +172,18 @@ class StateDictMixin:
         unknown = sorted(set(hyper) - set(self._HYPER))
         if unknown:
             raise ValueError(f"state_dict 'hyper' has unknown entries {unknown}")
-        merged = {k: getattr(self, k) for k in self._HYPER} | hyper
+        sched = self._scheduled_hyper()  # kept as they are; a saved value is only checked
+        merged = {k: getattr(self, k) for k in self._HYPER if k not in sched} | hyper
+        merged.setdefault("damping", 0.0)  # stand-ins where this preconditioner has a schedule
+        if "lr" in sched and merged.get("lr") is None:
+            merged["lr"] = 1.0
         try:
             out: dict[str, object] = {"damping": check_damping(merged["damping"])}
             out |= checked_options(**{k: merged[k] for k in self._HYPER if k != "damping"},
                                    nonfinite=self.nonfinite)
         except ValueError as e:
             raise ValueError(f"state_dict hyper-parameters: {e}") from e
-        return {k: out[k] for k in self._HYPER}
+        return {k: out[k] for k in self._HYPER if k not in sched}
 
     def _check_layer(self, s: LayerState, d, extra: dict) -> LayerLoad:
         where = f"state_dict layer {s.name!r}"
@@ -164,29 +191,30 @@ class StateDictMixin:
             raise ValueError(f"{where} must be a dict with {list(_LAYER_KEYS)}")
         if not isinstance(d["inverse_is_curvature"], bool):
             raise ValueError(f"{where}: 'inverse_is_curvature' must be True or False")
-        loaded: dict[str, KroneckerSum | Tensor | None] = {}
+        loaded: dict[str, Any] = {}
         for key in ("curvature", "inverse_source"):
             if d[key] is None:
                 loaded[key] = None
                 continue
             c = self._check_packed(s, key, d[key])
-            if not curvature_finite(c):
+            if not self._finite(s, c):
                 raise ValueError(f"{where}: the saved {key} has NaN or Inf entries (saved from a"
                                  " diverged run?)")
             loaded[key] = c
         source = loaded["curvature"] if d["inverse_is_curvature"] else loaded["inverse_source"]
         damping = None if d["inverse_damping"] is None else check_damping(d["inverse_damping"])
-        scratch = LayerState(s.name, s.module, s.adapter)
+        scratch = LayerState(s.name, s.module, s.adapter, s.block)
         if source is not None and damping is not None:
             self._factorize_loaded(scratch, source, damping, extra)
         return LayerLoad(as_int(f"{where} 'updates'", d["updates"], 0), loaded["curvature"],
                          source, scratch.inverse, scratch.inverse_damping)
 
     # ---------------------------------------------------------- subclass hooks
-    def _pack(self, curvature):
+    def _pack(self, state: LayerState, curvature):
+        """``state``'s curvature as plain values and tensors (copies; None stays None)."""
         raise NotImplementedError
 
-    def _unpack(self, packed):
+    def _finite(self, state: LayerState, curvature) -> bool:
         raise NotImplementedError
 
     def _check_packed(self, state: LayerState, key: str, packed):

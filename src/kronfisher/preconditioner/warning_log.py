@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 
 __all__ = ["WarningLog", "WARNING_KINDS"]
 
-WARNING_KINDS = ("clamped", "singular_retry", "solver_fallback", "curvature_kept")
+WARNING_KINDS = ("clamped", "singular_retry", "solver_fallback", "curvature_kept",
+                 "only_padding")
 """clamped: 1 + s_g s_a raised to the floor (two terms not positive definite);
 singular_retry: a damped factor was singular, retried with 10× the damping;
 solver_fallback: the nearest-Kronecker solver failed (LAPACK) and another one was used;
 curvature_kept: every solver failed, the layer kept its previous curvature (or, with none
-yet, KFAC's factors)."""
+yet, KFAC's factors); only_padding: an embedding's curvature batch held padding tokens
+only and was dropped for that layer."""
 
 
 @dataclass
