@@ -113,7 +113,7 @@ class Settings:
     layers: int = 2
     lr_adamw: float = 3e-3
     lr_ng: float = 0.1
-    damping: float = 1e-2
+    damping: float = 3e-3
     kl_clip: float = 1e-3
     update_freq: int = 10
     curvature_examples: int = 16
