@@ -43,11 +43,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--freq", type=int, default=10)
     p.add_argument("--cycles", type=int, default=6)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--curvature-examples", type=int, default=None,
+                   help="sequences in the sampled curvature pass (default: the example's)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     ex = _example()
     methods = args.methods.split(",")
     s = ex.Settings(update_freq=args.freq)
+    if args.curvature_examples is not None:
+        s.curvature_examples = args.curvature_examples
     tokens = ex.make_corpus(20_000)
     per_cycle: dict[str, list[float]] = {m: [] for m in methods}
     runs = {m: ex.Stepper(m, s, tokens) for m in methods}
@@ -59,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
             runs[m].run(args.freq)
             per_cycle[m].append((time.perf_counter() - t0) / args.freq)
     base = statistics.median(per_cycle["adamw"]) if "adamw" in per_cycle else None
-    print(f"threads {args.threads}, T_cov = T_inv = {args.freq}, {args.cycles} cycles")
+    print(f"threads {args.threads}, T_cov = T_inv = {args.freq}, {args.cycles} cycles,"
+          f" curvature pass on {s.curvature_examples} sequences")
     print(f"{'method':16s} {'s/step':>9s} {'× AdamW':>8s}")
     for m in methods:
         t = statistics.median(per_cycle[m])
