@@ -234,3 +234,121 @@ def test_unwrapped_model_unequal_shards_and_sampled_targets(tmp_path, world):
         assert "error" not in d, d.get("error")
         for key, err in d.items():
             assert err <= TOL, f"rank {r}/{world} {key}: relative error {err:.3g}"
+
+
+# ------------------------------------------------------------------------------------------
+# The newer layer kinds: Linear on (B, S, d) with each weight-sharing mode, nn.Embedding,
+# LayerNorm, BatchNorm in eval mode. BatchNorm in training mode normalises with each rank's
+# own batch statistics (DDP does not synchronise them), so its forward is not the
+# concatenated batch's and there is no single-process reference to match; it is not tested.
+SEQ, VOCAB = 3, 7
+
+
+def make_kind_model(kind: str) -> nn.Module:
+    torch.manual_seed(1)
+    if kind == "seq":  # both Linear layers see (B, S, ·) inputs
+        return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(D)
+    if kind == "embed":  # Embedding → Linear on (B, S, 4) → LayerNorm over the last dim
+        model = nn.Sequential(nn.Embedding(VOCAB, 4), nn.Linear(4, 4), nn.LayerNorm(4),
+                              nn.Tanh(), nn.Flatten(), nn.Linear(SEQ * 4, 3)).to(D)
+        with torch.no_grad():  # γ ≠ 1, β ≠ 0 so that the scale-and-shift blocks are generic
+            model[2].weight.add_(0.5 * torch.randn(4, dtype=D))
+            model[2].bias.add_(0.3 * torch.randn(4, dtype=D))
+        return model
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).to(D)
+    with torch.no_grad():
+        model[1].weight.add_(0.5 * torch.randn(4, dtype=D))
+        model[1].bias.add_(0.3 * torch.randn(4, dtype=D))
+        model[1].running_mean.copy_(0.3 * torch.randn(4, dtype=D))
+        model[1].running_var.copy_(torch.rand(4, dtype=D) + 0.5)
+    return model.eval()  # running statistics: the same normalisation on every rank
+
+
+def make_kind_batch(kind: str, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "seq":
+        return (torch.randn(m, SEQ, 5, generator=g, dtype=D),
+                torch.randn(m, SEQ, 3, generator=g, dtype=D))
+    if kind == "embed":
+        return (torch.randint(0, VOCAB, (m, SEQ), generator=g),
+                torch.randn(m, 3, generator=g, dtype=D))
+    return torch.randn(m, 5, generator=g, dtype=D), torch.randn(m, 3, generator=g, dtype=D)
+
+
+def make_kind_precond(method: str, model, group, sharing: str):
+    if method == "exact":  # ExactNG's blocks are the exact per-example Fisher: no sharing mode
+        return make_precond(method, model, group)
+    cls = {"kfac": kf.KFAC, "kpsvd": kf.KPSVD, "deflation": kf.Deflation}[method]
+    extra = {} if method == "kfac" else {"tol": 1e-12}
+    return cls(model, damping=1e-2, ema_decay=0.95, process_group=group,
+               weight_sharing=sharing, **extra)
+
+
+def kinds_worker(rank: int, world: int, scenarios: list) -> dict:
+    out: dict = {}
+    shard = 5
+    for method, kind, sharing, cfg in scenarios:
+        assignment, strategy = CONFIGS[cfg]
+        ref_model = make_kind_model(kind)
+        model = copy.deepcopy(ref_model)
+        ref = make_kind_precond(method, ref_model, "local", sharing)
+        ddp = DDP(model)
+        group = "local" if assignment is None else DistributedConfig(
+            assignment=assignment, strategy=strategy, timeout=20.0)
+        pc = make_kind_precond(method, ddp, group, sharing)
+        ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        errs, oks = [], []
+        for step in range(2):
+            x, y = make_kind_batch(kind, shard * world, seed=300 + step)
+            lo = rank * shard
+            ok_ref, g_ref = train_step(ref_model, ref_model, ref, ref_opt, x, y)
+            ok, g = train_step(model, ddp, pc, opt, x[lo:lo + shard], y[lo:lo + shard])
+            oks += [ok_ref, ok]
+            errs.append(rel(g, g_ref))
+        errs.append(rel(list(model.parameters()), list(ref_model.parameters())))
+        out[f"{method}/{kind}/{sharing}/{cfg}"] = {
+            "err": max(errs), "ok": all(oks),
+            "kinds": sorted({s.adapter.kind for s in pc.layers.values()})}
+    return out
+
+
+def _kind_scenarios():
+    s = []
+    for kind, modes in (("seq", ("expand", "reduce", "exact")), ("embed", ("expand",)),
+                        ("bn", ("expand",))):
+        for sharing in modes:
+            s += [("kfac", kind, sharing, "owner-auto"), ("kpsvd", kind, sharing, "owner-auto"),
+                  ("kpsvd", kind, sharing, "owner-krylov"),
+                  ("deflation", kind, sharing, "replicated-gather")]
+            if sharing == "expand":
+                s.append(("exact", kind, sharing, "owner-auto"))
+    s += [("kpsvd", "embed", "expand", "local"), ("kfac", "seq", "reduce", "local")]
+    return s
+
+
+@pytest.fixture(scope="module")
+def kinds(tmp_path_factory):
+    res = run_ranks(kinds_worker, 2, tmp_path_factory.mktemp("kinds"), _kind_scenarios())
+    for r, d in enumerate(res):
+        assert "error" not in d, f"rank {r}: {d.get('error')}"
+    return res
+
+
+@pytest.mark.parametrize("kind", ["seq", "embed", "bn"])
+def test_newer_layer_kinds_give_the_single_process_result(kinds, kind):
+    for rank, d in enumerate(kinds):
+        mine = {k: v for k, v in d.items() if k.split("/")[1] == kind and not k.endswith("local")}
+        assert len(mine) >= 5, f"only {sorted(mine)} ran"
+        if kind != "seq":  # the new blocks are registered, not skipped
+            want = {"embedding", "scale_shift"} if kind == "embed" else {"scale_shift"}
+            assert all(want <= set(v["kinds"]) for v in mine.values()), mine
+        for key, v in mine.items():
+            assert v["ok"], f"{key}: a step was skipped"
+            assert v["err"] <= TOL, f"rank {rank} {key}: relative error {v['err']:.3g}"
+
+
+def test_newer_layer_kinds_check_can_fail_without_communication(kinds):
+    for d in kinds:
+        assert d["kpsvd/embed/expand/local"]["err"] > 1e-3
+        assert d["kfac/seq/reduce/local"]["err"] > 1e-3

@@ -276,6 +276,14 @@ class DataParallelSync:
         out.info = {"method": "kfac", "fallback_for": estimator.method}
         return out
 
+    def mean_over_ranks(self, values: Tensor, purpose: str) -> Tensor:
+        """The mean of ``values`` over the ranks (one all-reduce), the same on every rank.
+
+        For the quantities of a loss averaged over a rank's shard (e.g. ``AdaptiveNG``'s
+        quadratic model): with equal shards their mean is the concatenated batch's.
+        """
+        return self.comm.all_reduce(values, purpose) / self.world
+
     # -------------------------------------------------------------- precondition
     def owns(self, name: str) -> bool:
         """Whether this rank factorises and preconditions layer ``name``."""

@@ -78,8 +78,10 @@ def train_data_parallel(cfg: RunConfig, train_data: Tensor, test_data: Tensor, *
     run = prepare_run(cfg, train_data, test_data)
     h, p, model, opt, pc = run.hyper, run.problem, run.model, run.optimizer, run.preconditioner
     if h.step_rule == "adaptive":
-        raise ValueError("the adaptive step rule (kronfisher.optim.AdaptiveNG) does not run"
-                         " data parallel yet; use the paper or classic preset")
+        raise ValueError("the CLI's adaptive step rule does not run data parallel yet (its"
+                         " loop is not wired to shard the quadratic model's batch; AdaptiveNG"
+                         " itself does, see docs/distributed.md); use the paper or classic"
+                         " preset")
     sync = pc.sync if pc is not None else None
     comm = sync.comm if isinstance(sync, DataParallelSync) else Communicator(None,
                                                                              DEFAULT_TIMEOUT)

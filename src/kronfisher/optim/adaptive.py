@@ -24,6 +24,7 @@ from .quadratic import (
     approx_curvature_form,
     ggn_gram,
     inner,
+    mean_gram,
     solve_model,
 )
 from .state import StepRecord, check_loadable
@@ -91,6 +92,13 @@ class AdaptiveNG(torch.optim.Optimizer):
             step whose model predicts L(θ) + q(δ) below it is skipped (λ raised), since
             the model is then being trusted far beyond its range (docs/design.md).
 
+    Data parallel (a preconditioner on several processes, docs/distributed.md): every rank
+    passes its own shard as ``inputs`` (equal shards, ``loss_fn`` averaged over the
+    shard) and its closure its shard's loss; the quadratic model's curvature and gradient
+    products, L(θ), L(θ+δ) and the closure's loss are averaged over the ranks, so every
+    rank takes the α, μ, λ one process takes on the concatenated batch. Δ, ∇ and δ_prev
+    are the same on every rank already (DistributedDataParallel's averaged gradient).
+
     Every hyper-parameter is in ``param_groups[0]`` (λ as ``"damping"``), so
     ``torch.optim.lr_scheduler`` works on a fixed lr. :attr:`last_step` is a
     :class:`StepRecord` (None before the first step).
@@ -98,7 +106,9 @@ class AdaptiveNG(torch.optim.Optimizer):
     Raises:
         TypeError: ``preconditioner`` is not a Preconditioner.
         ValueError: a hyper-parameter out of range, several param groups, a parameter
-            that is not the model's, or ``kl_clip`` set on both.
+            that is not the model's, ``kl_clip`` set on both, or ``quad_model="approx"``
+            with a data-parallel preconditioner that preconditions each layer on one owner
+            rank (its curvature product exists on the owner only).
     """
 
     def __init__(self, preconditioner: Preconditioner, *,
@@ -134,10 +144,20 @@ class AdaptiveNG(torch.optim.Optimizer):
                              " on one (the optimizer's scales only Δ's part of the step)")
         super().__init__(plist, defaults)
         self.preconditioner = preconditioner
+        self._check_approx_available(quad_model)
         self._names = names
         self.steps = 0
         self.last_step: StepRecord | None = None
         self._written = WrittenGrads()
+
+    def _check_approx_available(self, quad_model: str) -> None:
+        """Refuse "approx" where the curvature product lives on the layers' owner ranks."""
+        if quad_model == "approx" and getattr(self.preconditioner.sync, "owners", None):
+            raise ValueError(
+                "quad_model='approx' needs the preconditioner's curvature on every rank, but"
+                " this data-parallel preconditioner factorises each layer on its owner rank"
+                " only: use quad_model='ggn', or process_group=DistributedConfig("
+                "assignment='replicated')")
 
     def add_param_group(self, param_group: dict) -> None:
         """Add the (only) parameter group; a second one raises ValueError."""
@@ -205,11 +225,14 @@ class AdaptiveNG(torch.optim.Optimizer):
         grads = {n: p.grad.clone() for n, p in named.items()
                  if p.grad is not None} if need_grads else {}
         self.preconditioner.damping = lam + eta
-        closure_loss = float(loss.detach())
+        # data parallel: the mean of the ranks' losses, so that every rank decides alike
+        closure_loss = float(self.preconditioner.sync.mean_over_ranks(
+            loss.detach().double().reshape(1), "closure_loss")[0])
         if not self.preconditioner.step():  # it warned and cleared the gradients
-            return self._skipped(cfg, loss, "non-finite gradient", raise_damping=False)
+            return self._skipped(cfg, loss, closure_loss, "non-finite gradient",
+                                 raise_damping=False)
         if not math.isfinite(closure_loss):
-            return self._skipped(cfg, loss, "the closure's loss is not finite")
+            return self._skipped(cfg, loss, closure_loss, "the closure's loss is not finite")
         Delta = {n: p.grad for n, p in named.items() if p.grad is not None}
         prev = {n: self.state[p]["delta_prev"] for n, p in named.items()
                 if "delta_prev" in self.state[p]}
@@ -218,7 +241,7 @@ class AdaptiveNG(torch.optim.Optimizer):
         loss_before, q, fallback = None, None, False
         if cfg.automatic:
             V = [Delta, prev] if has_prev else [Delta]
-            gram = ggn_gram(self.preconditioner.model, named, inputs, loss_fn, V)  # type: ignore[arg-type]
+            gram = self._gram(named, inputs, loss_fn, V)
             loss_before = gram.loss + l2()
             qmodel = QuadraticModel(
                 curvature=gram.curvature,
@@ -227,14 +250,15 @@ class AdaptiveNG(torch.optim.Optimizer):
             rtol = SINGULAR_RTOL_EPS * max(torch.finfo(p.dtype).eps for p in params)
             sol = solve_model(qmodel, lam + eta, momentum=cfg.momentum, rtol=rtol)
             if sol is None or not math.isfinite(loss_before):
-                return self._skipped(cfg, loss, "the quadratic model has no finite"
+                return self._skipped(cfg, loss, closure_loss, "the quadratic model has no finite"
                                      " minimiser (non-finite loss_fn or curvature)")
             alpha, mu, q, fallback = sol.alpha, sol.momentum, sol.q, sol.fallback
             bound = cfg.loss_lower_bound
             if bound is not None and loss_before + q < bound:
-                return self._skipped(cfg, loss, f"the quadratic model predicts L(θ) + q ="
-                                     f" {loss_before + q:.4g}, below loss_lower_bound={bound:g}"
-                                     " (a step it cannot be trusted with)")
+                return self._skipped(cfg, loss, closure_loss, f"the quadratic model predicts"
+                                     f" L(θ) + q = {loss_before + q:.4g}, below"
+                                     f" loss_lower_bound={bound:g} (a step it cannot be"
+                                     " trusted with)")
             if fallback:
                 warnings.warn("AdaptiveNG: the 2×2 quadratic model is singular (Δ and δ_prev"
                               " nearly parallel, or not finite): this step uses μ = 0",
@@ -253,9 +277,9 @@ class AdaptiveNG(torch.optim.Optimizer):
                 loss_before = (self._loss(inputs, loss_fn) if jvp_loss is None else jvp_loss
                                ) + l2()
             if not math.isfinite(loss_before):
-                return self._skipped(cfg, loss, "loss_fn is not finite at θ")
+                return self._skipped(cfg, loss, closure_loss, "loss_fn is not finite at θ")
         if not _all_finite(list(delta.values())):
-            return self._skipped(cfg, loss, "the step δ is not finite")
+            return self._skipped(cfg, loss, closure_loss, "the step δ is not finite")
         for n, p in named.items():
             if n in delta:
                 p.add_(delta[n])
@@ -280,9 +304,10 @@ class AdaptiveNG(torch.optim.Optimizer):
         """(q(δ), L(θ) if the JVP gave it) for ρ, with ``cfg.quad_model``'s curvature."""
         d = cfg.damping + cfg.weight_decay
         if cfg.quad_model == "approx":  # the closure's ∇: no JVP gives another one here
+            self._check_approx_available(cfg.quad_model)  # param_groups may have changed it
             form = approx_curvature_form(self.preconditioner, self._names, delta, d)
             return float(inner(delta, grads)) + 0.5 * form, None
-        gram = ggn_gram(self.preconditioner.model, named, inputs, loss_fn, [delta])  # type: ignore[arg-type]
+        gram = self._gram(named, inputs, loss_fn, [delta])
         linear = float(self._linear_terms(cfg, [delta], grads, named, gram)[0])
         form = float(gram.curvature[0, 0]) + d * float(inner(delta, delta))
         return linear + 0.5 * form, gram.loss
@@ -296,13 +321,21 @@ class AdaptiveNG(torch.optim.Optimizer):
         l2 = [inner(v, named) * cfg.weight_decay for v in V] if cfg.weight_decay else None
         return gram.grad + (torch.stack(l2).cpu() if l2 else 0.0)
 
+    def _gram(self, named: dict[str, Tensor], inputs: Tensor | tuple | None,
+              loss_fn: LossFn | None, V: list[dict[str, Tensor]]) -> CurvatureGram:
+        """:func:`ggn_gram` on ``inputs``, averaged over the ranks when data parallel."""
+        assert inputs is not None and loss_fn is not None  # step() checked
+        gram = ggn_gram(self.preconditioner.model, named, inputs, loss_fn, V)
+        return mean_gram(gram, self.preconditioner.sync.mean_over_ranks)
+
     def _loss(self, inputs: Tensor | tuple | None, loss_fn: LossFn | None) -> float:
-        """loss_fn(model(inputs)) with the current parameters (no weight decay)."""
+        """loss_fn(model(inputs)) now (no weight decay), averaged over the ranks if parallel."""
         assert inputs is not None and loss_fn is not None  # step() checked
         args = inputs if isinstance(inputs, tuple) else (inputs,)
-        return float(loss_fn(self.preconditioner.model(*args)))
+        value = loss_fn(self.preconditioner.model(*args)).detach().double().reshape(1)
+        return float(self.preconditioner.sync.mean_over_ranks(value, "model_loss")[0])
 
-    def _skipped(self, cfg: StepConfig, loss: Tensor, reason: str, *,
+    def _skipped(self, cfg: StepConfig, loss: Tensor, closure_loss: float, reason: str, *,
                  raise_damping: bool = True) -> Tensor:
         """Leave the parameters unchanged, forget δ_prev, raise λ (when adapting), warn."""
         lam = cfg.damping
@@ -314,7 +347,7 @@ class AdaptiveNG(torch.optim.Optimizer):
             warnings.warn(f"AdaptiveNG step {self.steps}: {reason}; update skipped (parameters"
                           f" unchanged), damping {lam:g} → {next_lam:g}", RuntimeWarning,
                           stacklevel=4)
-        self._record(StepRecord(step=self.steps, loss=float(loss), damping=lam,
+        self._record(StepRecord(step=self.steps, loss=closure_loss, damping=lam,
                                 next_damping=next_lam, alpha=0.0, momentum=0.0, q=None,
                                 rho=None, applied=False, reason=reason))
         return loss

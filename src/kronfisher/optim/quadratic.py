@@ -24,7 +24,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from ..preconditioner import Preconditioner
 
-__all__ = ["CurvatureGram", "QuadraticModel", "ModelSolution", "ggn_gram", "inner",
+__all__ = ["CurvatureGram", "QuadraticModel", "ModelSolution", "ggn_gram", "mean_gram", "inner",
            "solve_model", "approx_curvature_form", "layer_matrix", "SINGULAR_RTOL_EPS"]
 
 SINGULAR_RTOL_EPS = 100.0
@@ -142,6 +142,21 @@ def ggn_gram(model: nn.Module, params: Params, inputs: Tensor | tuple,
     gram = 0.5 * (gram + gram.mT)
     dots = flat_Jv @ output_grad.reshape(-1).double()
     return CurvatureGram(curvature=gram.cpu(), grad=dots.cpu(), loss=float(loss))
+
+
+def mean_gram(gram: CurvatureGram, mean: Callable[[Tensor, str], Tensor]) -> CurvatureGram:
+    """``gram`` with its curvature, gradient products and loss averaged by ``mean``.
+
+    Data parallel, ``mean`` is the preconditioner's ``sync.mean_over_ranks`` (one
+    all-reduce of k² + k + 1 numbers): each rank's gram is its shard's, and with equal
+    shards of a loss averaged over the shard their mean is the concatenated batch's.
+    """
+    k = gram.grad.shape[0]
+    packed = torch.cat([gram.curvature.reshape(-1), gram.grad,
+                        torch.tensor([gram.loss], dtype=torch.float64)])
+    out = mean(packed, "quadratic_model")
+    return CurvatureGram(curvature=out[:k * k].reshape(k, k), grad=out[k * k:k * k + k],
+                         loss=float(out[-1]))
 
 
 @dataclass(frozen=True)
