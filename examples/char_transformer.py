@@ -116,7 +116,7 @@ class Settings:
     damping: float = 3e-3
     kl_clip: float = 1e-3
     update_freq: int = 10
-    curvature_examples: int = 16
+    curvature_examples: int = 8
     seed: int = 0
 
 
