@@ -16,19 +16,17 @@ from torch import Tensor
 
 from ..layers import LayerAdapter, LayerStatistics
 from ..layers.embedding import EmbeddingAdapter
-from ..linalg import all_finite
 from ..linalg.diagonal_kronecker import DiagonalKroneckerSum
-from ..linalg.factorization import KroneckerFactorization
-from .block import BlockCost, BlockOptions, CurvatureBlock
+from .block import BlockCost, BlockOptions
 from .embedding import approximate_embedding, average_embedding, check_embedding_sharing
 from .estimator import LINALG_ERRORS
-from .kronecker_block import factorize_retrying
+from .factorized_terms import FactorizedTermsBlock
 from .methods import method_rank
 
 __all__ = ["EmbeddingBlock"]
 
 
-class EmbeddingBlock(CurvatureBlock):
+class EmbeddingBlock(FactorizedTermsBlock):
     """An embedding's curvature as a :class:`DiagonalKroneckerSum` (weight sharing "expand").
 
     Raises:
@@ -106,41 +104,6 @@ class EmbeddingBlock(CurvatureBlock):
     def average(self, old: Any, new: Any, decay: float) -> DiagonalKroneckerSum:
         """Termwise running average (:func:`average_embedding`)."""
         return average_embedding(self.typed(old), self.typed(new), decay)
-
-    def finite(self, curvature: Any) -> bool:
-        """Whether every factor of every term is finite."""
-        c = self.typed(curvature)
-        return c is None or all(all_finite(a) and all_finite(G) for a, G in c.terms)
-
-    def factorize(self, curvature: Any, damping: float, scheme: str) -> KroneckerFactorization:
-        """The damped sum factorised, retried with more damping where singular (reported).
-
-        Raises:
-            SingularFactorError: still singular after the retries (naming the layer).
-            RuntimeError: no curvature.
-        """
-        source = self.typed(curvature)
-        if source is None:
-            raise RuntimeError(f"layer {self.name!r} has no curvature to factorise yet")
-        return factorize_retrying(self.name, source, damping, scheme, self.options.log)
-
-    def _factorization(self, inverse: Any) -> KroneckerFactorization:
-        if not isinstance(inverse, KroneckerFactorization):
-            raise RuntimeError(f"layer {self.name!r} has no factorisation")
-        return inverse
-
-    def precondition(self, inverse: Any, G: Tensor) -> Tensor:
-        """The factorisation's solve, in G's dtype."""
-        return self._factorization(inverse).solve(G).to(G.dtype)
-
-    def curvature_product(self, inverse: Any, V: Tensor) -> Tensor:
-        """The factorisation's apply (the damped matrix the solve inverts), in V's dtype."""
-        return self._factorization(inverse).apply(V).to(V.dtype)
-
-    def pack(self, curvature: Any) -> list[tuple[Tensor, Tensor]] | None:
-        """The terms as a list of cloned (a, G) pairs."""
-        c = self.typed(curvature)
-        return None if c is None else [(a.clone(), G.clone()) for a, G in c.terms]
 
     def placement(self, curvature: Any) -> tuple[torch.dtype, torch.device]:
         """(dtype, device) of the first G factor."""

@@ -14,20 +14,20 @@ import torch
 from torch import Tensor
 
 from ..layers import LayerStatistics
-from ..linalg import KroneckerFactorization, KroneckerSum, SingularFactorError, all_finite
-from .block import BlockCost, CurvatureBlock, Reporter
+from ..linalg import KroneckerSum
+from .block import BlockCost
 from .estimator import CurvatureSolveError, SolverFallback
+from .factorized_terms import FactorizedTermsBlock
 from .methods import method_rank
+from .retrying import RETRY_MIN_DAMPING, SINGULAR_RETRIES, factorize_retrying
 
 __all__ = ["KroneckerBlock", "SINGULAR_RETRIES", "RETRY_MIN_DAMPING", "factorize_retrying"]
 
-SINGULAR_RETRIES = 3
-"""Retries with 10× the damping after a SingularFactorError (λ, 10λ, 100λ, 1000λ)."""
-RETRY_MIN_DAMPING = 1e-8
-"""Damping of the first retry when the damping was 0."""
+# re-exported: their home is .retrying
 
 
-class KroneckerBlock(CurvatureBlock):
+
+class KroneckerBlock(FactorizedTermsBlock):
     """A layer's curvature as a :class:`~kronfisher.linalg.KroneckerSum` (every method).
 
     The statistics' pairing picks the pair mask: one position or a conv grid (location
@@ -94,47 +94,7 @@ class KroneckerBlock(CurvatureBlock):
         """Termwise running average (see :meth:`KroneckerEstimator.average`)."""
         return self.options.estimator.average(self.typed(old), self.typed(new), decay)
 
-    def finite(self, curvature: Any) -> bool:
-        """Whether every factor of every term is finite."""
-        c = self.typed(curvature)
-        return c is None or all(all_finite(A) and all_finite(G) for A, G in c.terms)
-
-    # ---------------------------------------------------------- factorise
-    def factorize(self, curvature: Any, damping: float, scheme: str) -> KroneckerFactorization:
-        """``curvature.factorize(damping, scheme)``, retried on a singular damped matrix.
-
-        A singular damped matrix is retried with 10× the damping (at least 1e-8), up to
-        three times; the factorisation records the damping it was actually built with.
-        Retries and clamped two-term eigenvalues are reported to the log.
-
-        Raises:
-            SingularFactorError: still singular after the retries (naming the layer).
-            RuntimeError: no curvature.
-        """
-        source = self.typed(curvature)
-        if source is None:
-            raise RuntimeError(f"layer {self.name!r} has no curvature to factorise yet")
-        return factorize_retrying(self.name, source, damping, scheme, self.options.log)
-
-    def _factorization(self, inverse: Any) -> KroneckerFactorization:
-        if not isinstance(inverse, KroneckerFactorization):
-            raise RuntimeError(f"layer {self.name!r} has no Kronecker factorisation")
-        return inverse
-
-    def precondition(self, inverse: Any, G: Tensor) -> Tensor:
-        """The factorisation's solve, in G's dtype."""
-        return self._factorization(inverse).solve(G).to(G.dtype)
-
-    def curvature_product(self, inverse: Any, V: Tensor) -> Tensor:
-        """The factorisation's apply (the damped matrix the solve inverts), in V's dtype."""
-        return self._factorization(inverse).apply(V).to(V.dtype)
-
     # -------------------------------------------------------------- state
-    def pack(self, curvature: Any) -> list[tuple[Tensor, Tensor]] | None:
-        """The terms as a list of cloned (A, G) pairs."""
-        c = self.typed(curvature)
-        return None if c is None else [(A.clone(), G.clone()) for A, G in c.terms]
-
     def unpack(self, packed: Any, where: str, dtype: torch.dtype, device: torch.device
                ) -> KroneckerSum:
         """Saved (A, G) pairs checked for kind, number of terms, shapes, finiteness; cast."""
@@ -189,42 +149,3 @@ class KroneckerBlock(CurvatureBlock):
         return BlockCost(update=gram + svd, factorize=k * (d_a**3 + d_g**3),
                          precondition=2 * k * d_g * d_a * (d_a + d_g),
                          memory=k * (d_a * d_a + d_g * d_g))
-
-
-def factorize_retrying(name: str, source: Any, damping: float, scheme: str, log: Reporter
-                       ) -> KroneckerFactorization:
-    """``source.factorize(damping, scheme, warn=False)``, retried on a singular matrix.
-
-    For every curvature whose ``factorize`` returns a :class:`KroneckerFactorization`
-    (a :class:`KroneckerSum`, an embedding's diagonal-A sum). A singular damped matrix is
-    retried with 10× the damping (at least 1e-8), up to three times; the factorisation
-    records the damping it was actually built with. Retries and clamped two-term
-    eigenvalues are reported to ``log`` under layer ``name``.
-
-    Raises:
-        SingularFactorError: still singular after the retries (naming the layer).
-    """
-    lam = damping
-    fac: KroneckerFactorization | None = None
-    for attempt in range(SINGULAR_RETRIES + 1):
-        try:
-            fac = source.factorize(lam, scheme, warn=False)
-            break
-        except SingularFactorError as e:
-            if attempt == SINGULAR_RETRIES:
-                raise SingularFactorError(
-                    f"layer {name!r}: cannot factorise the damped curvature even with"
-                    f" damping {lam:g}: {e}"
-                ) from e
-            lam = max(lam * 10.0, RETRY_MIN_DAMPING)
-            log.report(name, "singular_retry",
-                       f"layer {name!r}: {e}; retrying with damping {lam:g}",
-                       stacklevel=7)
-    if fac is None:  # the loop either breaks with one or raises
-        raise RuntimeError(f"layer {name!r}: no factorisation")
-    if fac.clamped:
-        log.report(name, "clamped", f"layer {name!r}: the two-term Kronecker"
-                   f" approximation is not positive definite in {fac.clamped} direction(s)"
-                   f" at damping {fac.damping:g}: 1 + s_g s_a raised to the floor there",
-                   stacklevel=7)
-    return fac

@@ -20,7 +20,7 @@ from ..layers import LayerStatistics
 from ..layers.scale_shift import scale_shift_grads
 from ..linalg import SingularFactorError
 from .block import BlockCost, CurvatureBlock
-from .kronecker_block import RETRY_MIN_DAMPING, SINGULAR_RETRIES
+from .retrying import RETRY_MIN_DAMPING, SINGULAR_RETRIES
 from .scale_shift import (
     ScaleShiftCurvature,
     ScaleShiftInverse,

@@ -179,3 +179,26 @@ def per_example_gradients(a: Tensor, g: Tensor) -> Tensor:
 def append_ones(x: Tensor) -> Tensor:
     """Append the bias coordinate 1 along the last dimension."""
     return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
+
+
+def concat_calls(calls: list[LayerStatistics], what: str) -> LayerStatistics:
+    """Several calls of one weight-sharing layer in one forward as positions of each example.
+
+    The calls' positions are concatenated (pairing "shared", (1, T_total)).
+
+    Args:
+        calls: each call's statistics, a and g of shape (m, T_call, ·).
+        what: the layer type, for the error ("nn.Linear").
+
+    Raises:
+        ValueError: the calls saw different numbers of examples.
+    """
+    sizes = sorted({c.m for c in calls})
+    if len(sizes) > 1:
+        raise ValueError(
+            f"{what} called {len(calls)} times in one forward with batches of {sizes}"
+            " examples: its calls are positions of the same examples, so they must see the"
+            " same batch")
+    a = torch.cat([c.a for c in calls], 1)
+    g = torch.cat([c.g for c in calls], 1)
+    return LayerStatistics(a, g, Pairing("shared", (1, int(a.shape[1]))))

@@ -16,7 +16,7 @@ from typing import ClassVar, cast
 import torch
 from torch import Tensor, nn
 
-from .base import LayerAdapter, UnsupportedLayerError
+from .base import LayerAdapter, UnsupportedLayerError, concat_calls
 from .param_layout import ParamLayout
 from .statistics import LayerStatistics, Pairing
 
@@ -91,20 +91,8 @@ class EmbeddingAdapter(LayerAdapter):
         return Pairing("shared", (1, T)) if T > 1 else Pairing()
 
     def combine_calls(self, calls: list[LayerStatistics]) -> LayerStatistics:
-        """Several calls in one forward as more positions of each example (concatenated).
-
-        Raises:
-            ValueError: the calls saw different numbers of examples.
-        """
-        sizes = sorted({c.m for c in calls})
-        if len(sizes) > 1:
-            raise ValueError(
-                f"nn.Embedding called {len(calls)} times in one forward with batches of"
-                f" {sizes} examples: its calls are positions of the same examples, so they"
-                " must see the same batch")
-        a = torch.cat([c.a for c in calls], 1)
-        g = torch.cat([c.g for c in calls], 1)
-        return LayerStatistics(a, g, Pairing("shared", (1, int(a.shape[1]))))
+        """The calls of one forward as the positions of each example (:func:`concat_calls`)."""
+        return concat_calls(calls, "nn.Embedding")
 
     def per_example_gradients(self, a: Tensor, g: Tensor) -> Tensor:
         """vec(Σ_t g_t e_{token t}ᵀ) per example (m, V·d) by scattering, never one-hot.

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
-from .base import LayerAdapter, UnsupportedLayerError, append_ones
+from .base import LayerAdapter, UnsupportedLayerError, append_ones, concat_calls
 from .statistics import LayerStatistics, Pairing
 
 
@@ -47,17 +46,5 @@ class LinearAdapter(LayerAdapter):
         return Pairing("shared", (1, t))
 
     def combine_calls(self, calls: list[LayerStatistics]) -> LayerStatistics:
-        """The calls of one forward as the positions of each example (concatenated).
-
-        Raises:
-            ValueError: the calls saw different numbers of examples.
-        """
-        sizes = sorted({c.m for c in calls})
-        if len(sizes) > 1:
-            raise ValueError(
-                f"nn.Linear called {len(calls)} times in one forward with batches of"
-                f" {sizes} examples: its calls are positions of the same examples, so they"
-                " must see the same batch")
-        a = torch.cat([c.a for c in calls], 1)
-        g = torch.cat([c.g for c in calls], 1)
-        return LayerStatistics(a, g, Pairing("shared", (1, int(a.shape[1]))))
+        """The calls of one forward as the positions of each example (:func:`concat_calls`)."""
+        return concat_calls(calls, "nn.Linear")
