@@ -42,7 +42,9 @@ class FactorizedTermsBlock(CurvatureBlock):
         source = self.typed(curvature)
         if source is None:
             raise RuntimeError(f"layer {self.name!r} has no curvature to factorise yet")
-        return factorize_retrying(self.name, source, damping, scheme, self.options.log)
+        return factorize_retrying(
+            self.name, lambda lam: source.factorize(lam, scheme, warn=False), damping,
+            self.options.log)
 
     def _factorization(self, inverse: Any) -> KroneckerFactorization:
         if not isinstance(inverse, KroneckerFactorization):

@@ -19,11 +19,8 @@ from .block import BlockCost
 from .estimator import CurvatureSolveError, SolverFallback
 from .factorized_terms import FactorizedTermsBlock
 from .methods import method_rank
-from .retrying import RETRY_MIN_DAMPING, SINGULAR_RETRIES, factorize_retrying
 
-__all__ = ["KroneckerBlock", "SINGULAR_RETRIES", "RETRY_MIN_DAMPING", "factorize_retrying"]
-
-# re-exported: their home is .retrying
+__all__ = ["KroneckerBlock"]
 
 
 

@@ -18,9 +18,8 @@ from torch import Tensor
 
 from ..layers import LayerStatistics
 from ..layers.scale_shift import scale_shift_grads
-from ..linalg import SingularFactorError
 from .block import BlockCost, CurvatureBlock
-from .retrying import RETRY_MIN_DAMPING, SINGULAR_RETRIES
+from .retrying import factorize_retrying
 from .scale_shift import (
     ScaleShiftCurvature,
     ScaleShiftInverse,
@@ -76,20 +75,7 @@ class ScaleShiftBlock(CurvatureBlock):
         source = self.typed(curvature)
         if source is None:
             raise RuntimeError(f"layer {self.name!r} has no curvature to factorise yet")
-        lam = damping
-        for attempt in range(SINGULAR_RETRIES + 1):
-            try:
-                return source.factorize(lam)
-            except SingularFactorError as e:
-                if attempt == SINGULAR_RETRIES:
-                    raise SingularFactorError(
-                        f"layer {self.name!r}: cannot factorise the damped curvature even with"
-                        f" damping {lam:g}: {e}") from e
-                lam = max(lam * 10.0, RETRY_MIN_DAMPING)
-                self.options.log.report(
-                    self.name, "singular_retry",
-                    f"layer {self.name!r}: {e}; retrying with damping {lam:g}", stacklevel=6)
-        raise RuntimeError(f"layer {self.name!r}: no factorisation")  # the loop returns
+        return factorize_retrying(self.name, source.factorize, damping, self.options.log)
 
     def _inverse(self, inverse: Any) -> ScaleShiftInverse:
         if not isinstance(inverse, ScaleShiftInverse):
