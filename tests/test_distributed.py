@@ -10,6 +10,7 @@ process asserts ≤ 1e-8 (float64, empirical Fisher, so the check is determinist
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -81,6 +82,24 @@ def rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).norm() / y.norm().clamp_min(1e-300)) for x, y in zip(a, b))
 
 
+def two_steps_against_reference(rank, world, ref_model, model, ref, pc, ddp, batch, shard,
+                                seed) -> dict:
+    """Two training steps of the single process on the whole batch and of this rank on its
+    shard; the largest relative error of the preconditioned gradients and parameters."""
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    errs, oks = [], []
+    for step in range(2):
+        x, y = batch(shard * world, seed=seed + step)
+        lo = rank * shard
+        ok_ref, g_ref = train_step(ref_model, ref_model, ref, ref_opt, x, y)
+        ok, g = train_step(model, ddp, pc, opt, x[lo:lo + shard], y[lo:lo + shard])
+        oks += [ok_ref, ok]
+        errs.append(rel(g, g_ref))
+    errs.append(rel(list(model.parameters()), list(ref_model.parameters())))
+    return {"err": max(errs), "ok": all(oks)}
+
+
 def exactness_worker(rank: int, world: int, scenarios: list) -> dict:
     out: dict = {}
     shard = 6
@@ -94,18 +113,10 @@ def exactness_worker(rank: int, world: int, scenarios: list) -> dict:
         group = "local" if assignment is None else DistributedConfig(
             assignment=assignment, strategy=strategy, timeout=20.0)
         pc = make_precond(method, ddp, group, radius)
-        ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        errs, oks = [], []
-        for step in range(2):
-            x, y = make_batch(kind, shard * world, seed=100 + step)
-            lo = rank * shard
-            ok_ref, g_ref = train_step(ref_model, ref_model, ref, ref_opt, x, y)
-            ok, g = train_step(model, ddp, pc, opt, x[lo:lo + shard], y[lo:lo + shard])
-            oks += [ok_ref, ok]
-            errs.append(rel(g, g_ref))
-        errs.append(rel(list(model.parameters()), list(ref_model.parameters())))
-        out[key] = {"err": max(errs), "ok": all(oks),
+        res = two_steps_against_reference(
+            rank, world, ref_model, model, ref, pc, ddp,
+            functools.partial(make_batch, kind), shard, 100)
+        out[key] = {**res,
                     "strategies": dict(getattr(pc.sync, "strategies", {})),
                     "ledger": {k: e.payload for k, e in pc.sync.comm.ledger.entries.items()}
                     if pc.sync.active else {}}
@@ -296,19 +307,11 @@ def kinds_worker(rank: int, world: int, scenarios: list) -> dict:
         group = "local" if assignment is None else DistributedConfig(
             assignment=assignment, strategy=strategy, timeout=20.0)
         pc = make_kind_precond(method, ddp, group, sharing)
-        ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        errs, oks = [], []
-        for step in range(2):
-            x, y = make_kind_batch(kind, shard * world, seed=300 + step)
-            lo = rank * shard
-            ok_ref, g_ref = train_step(ref_model, ref_model, ref, ref_opt, x, y)
-            ok, g = train_step(model, ddp, pc, opt, x[lo:lo + shard], y[lo:lo + shard])
-            oks += [ok_ref, ok]
-            errs.append(rel(g, g_ref))
-        errs.append(rel(list(model.parameters()), list(ref_model.parameters())))
+        res = two_steps_against_reference(
+            rank, world, ref_model, model, ref, pc, ddp,
+            functools.partial(make_kind_batch, kind), shard, 300)
         out[f"{method}/{kind}/{sharing}/{cfg}"] = {
-            "err": max(errs), "ok": all(oks),
+            **res,
             "kinds": sorted({s.adapter.kind for s in pc.layers.values()})}
     return out
 
