@@ -10,7 +10,7 @@ from . import optim
 from .curvature import METHODS, approximate
 from .layers import register_adapter
 from .linalg import KroneckerSum, exact_fisher_block
-from .losses import curvature_propagation_loss, exact_ggn_loss, sampled_nll
+from .losses import OutputHessian, curvature_propagation_loss, exact_ggn_loss, sampled_nll
 from .preconditioner import (
     KFAC,
     KPSVD,
@@ -34,6 +34,7 @@ __all__ = [
     "sampled_nll",
     "curvature_propagation_loss",
     "exact_ggn_loss",
+    "OutputHessian",
     "Preconditioner",
     "KroneckerPreconditioner",
     "KFAC",

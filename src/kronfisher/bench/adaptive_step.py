@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 from torch import Tensor, nn
 
-from ..losses import curvature_propagation_loss, sampled_nll
+from ..losses import OutputHessian, curvature_propagation_loss, sampled_nll
 from .problems import Hyper, per_example_loss
 
 __all__ = ["CURVATURE_ESTIMATORS", "curvature_loss", "adaptive_step", "trace_row"]
@@ -36,7 +36,8 @@ def adaptive_step(opt, model: nn.Module, x: Tensor, likelihood: str, h: Hyper,
     """One :class:`~kronfisher.optim.AdaptiveNG` step on minibatch ``x``.
 
     The closure is the training objective (``h.loss_scale`` × mean per-example NLL) on the
-    whole minibatch; the quadratic model's JVPs and ρ use its first ``n_jvp`` examples.
+    whole minibatch; the quadratic model's JVPs and ρ use its first ``n_jvp`` examples,
+    with that objective's output Hessian in closed form (:class:`OutputHessian`).
 
     Returns:
         (per-example loss before the update, whether that loss is finite, time after the
@@ -59,7 +60,8 @@ def adaptive_step(opt, model: nn.Module, x: Tensor, likelihood: str, h: Hyper,
     def loss_fn(out: Tensor) -> Tensor:
         return per_example_loss(out, xj, likelihood).mean() * h.loss_scale
 
-    opt.step(closure, inputs=xj, loss_fn=loss_fn)
+    opt.step(closure, inputs=xj, loss_fn=loss_fn,
+             output_hessian=OutputHessian(likelihood, "batchmean", h.loss_scale))
     sync()
     t3 = time.perf_counter()
     # a step the optimizer declined (non-finite model, damping raised) is not a divergence:

@@ -16,6 +16,7 @@ quadratic in the back-propagated gradient.
 
 from .estimators import EXACT_GGN_MAX_COLUMNS, curvature_propagation_loss, exact_ggn_loss
 from .hessian import hessian_sqrt_apply
+from .output_hessian import OutputHessian
 from .sampled import sampled_nll
 from .scale import LIKELIHOODS, REDUCTIONS, averaged_elements, objective_scale
 
@@ -24,6 +25,7 @@ __all__ = [
     "curvature_propagation_loss",
     "exact_ggn_loss",
     "hessian_sqrt_apply",
+    "OutputHessian",
     "objective_scale",
     "averaged_elements",
     "LIKELIHOODS",

@@ -20,6 +20,7 @@ from .damping import reduction_ratio
 from .quadratic import (
     SINGULAR_RTOL_EPS,
     CurvatureGram,
+    OutputHessianFn,
     QuadraticModel,
     approx_curvature_form,
     ggn_gram,
@@ -167,7 +168,8 @@ class AdaptiveNG(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Callable[[], Tensor] | None = None, *,  # type: ignore[override]
-             inputs: Tensor | tuple | None = None, loss_fn: LossFn | None = None) -> Tensor:
+             inputs: Tensor | tuple | None = None, loss_fn: LossFn | None = None,
+             output_hessian: OutputHessianFn | None = None) -> Tensor:
         """One step (see the class docstring); returns the closure's loss.
 
         Args:
@@ -178,6 +180,9 @@ class AdaptiveNG(torch.optim.Optimizer):
                 are that sub-batch's while ∇ is the full batch's).
             loss_fn: outputs of ``model(inputs)`` → the loss on that batch, without the
                 weight-decay term; differentiable by ``torch.func``.
+            output_hessian: optional closed-form Hessian of ``loss_fn`` with respect to the
+                outputs (:class:`~kronfisher.losses.OutputHessian`), for the exact model's
+                products: faster than differentiating ``loss_fn`` twice, same values.
 
         Raises:
             ValueError: no closure; ``inputs``/``loss_fn`` missing while α is automatic or
@@ -206,10 +211,11 @@ class AdaptiveNG(torch.optim.Optimizer):
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError("the closure must return the loss as a scalar tensor")
         with torch.no_grad():
-            return self._step(cfg, params, loss, inputs, loss_fn)
+            return self._step(cfg, params, loss, inputs, loss_fn, output_hessian)
 
     def _step(self, cfg: StepConfig, params: list[Tensor], loss: Tensor,
-              inputs: Tensor | tuple | None, loss_fn: LossFn | None) -> Tensor:
+              inputs: Tensor | tuple | None, loss_fn: LossFn | None,
+              output_hessian: OutputHessianFn | None) -> Tensor:
         eta, lam = cfg.weight_decay, cfg.damping
         named = {self._names[id(p)]: p for p in params}
         for p in params:
@@ -241,7 +247,7 @@ class AdaptiveNG(torch.optim.Optimizer):
         loss_before, q, fallback = None, None, False
         if cfg.automatic:
             V = [Delta, prev] if has_prev else [Delta]
-            gram = self._gram(named, inputs, loss_fn, V)
+            gram = self._gram(named, inputs, loss_fn, V, output_hessian)
             loss_before = gram.loss + l2()
             qmodel = QuadraticModel(
                 curvature=gram.curvature,
@@ -272,7 +278,8 @@ class AdaptiveNG(torch.optim.Optimizer):
             alpha, mu = cfg.lr * nu, (cfg.momentum or 0.0) if has_prev else 0.0
         delta = {n: (d * -alpha + prev[n] * mu) if mu else d * -alpha for n, d in Delta.items()}
         if due and (cfg.quad_model == "approx" or not cfg.automatic):
-            q, jvp_loss = self._model_change(cfg, named, grads, delta, inputs, loss_fn)
+            q, jvp_loss = self._model_change(cfg, named, grads, delta, inputs, loss_fn,
+                                             output_hessian)
             if loss_before is None:  # fixed lr: L(θ) from the JVP, else one forward
                 loss_before = (self._loss(inputs, loss_fn) if jvp_loss is None else jvp_loss
                                ) + l2()
@@ -299,7 +306,8 @@ class AdaptiveNG(torch.optim.Optimizer):
 
     def _model_change(self, cfg: StepConfig, named: dict[str, Tensor],
                       grads: dict[str, Tensor], delta: dict[str, Tensor],
-                      inputs: Tensor | tuple | None, loss_fn: LossFn | None
+                      inputs: Tensor | tuple | None, loss_fn: LossFn | None,
+                      output_hessian: OutputHessianFn | None
                       ) -> tuple[float, float | None]:
         """(q(δ), L(θ) if the JVP gave it) for ρ, with ``cfg.quad_model``'s curvature."""
         d = cfg.damping + cfg.weight_decay
@@ -307,7 +315,7 @@ class AdaptiveNG(torch.optim.Optimizer):
             self._check_approx_available(cfg.quad_model)  # param_groups may have changed it
             form = approx_curvature_form(self.preconditioner, self._names, delta, d)
             return float(inner(delta, grads)) + 0.5 * form, None
-        gram = self._gram(named, inputs, loss_fn, [delta])
+        gram = self._gram(named, inputs, loss_fn, [delta], output_hessian)
         linear = float(self._linear_terms(cfg, [delta], grads, named, gram)[0])
         form = float(gram.curvature[0, 0]) + d * float(inner(delta, delta))
         return linear + 0.5 * form, gram.loss
@@ -322,10 +330,12 @@ class AdaptiveNG(torch.optim.Optimizer):
         return gram.grad + (torch.stack(l2).cpu() if l2 else 0.0)
 
     def _gram(self, named: dict[str, Tensor], inputs: Tensor | tuple | None,
-              loss_fn: LossFn | None, V: list[dict[str, Tensor]]) -> CurvatureGram:
+              loss_fn: LossFn | None, V: list[dict[str, Tensor]],
+              output_hessian: OutputHessianFn | None) -> CurvatureGram:
         """:func:`ggn_gram` on ``inputs``, averaged over the ranks when data parallel."""
         assert inputs is not None and loss_fn is not None  # step() checked
-        gram = ggn_gram(self.preconditioner.model, named, inputs, loss_fn, V)
+        gram = ggn_gram(self.preconditioner.model, named, inputs, loss_fn, V,
+                        output_hessian=output_hessian)
         return mean_gram(gram, self.preconditioner.sync.mean_over_ranks)
 
     def _loss(self, inputs: Tensor | tuple | None, loss_fn: LossFn | None) -> float:

@@ -25,7 +25,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from ..preconditioner import Preconditioner
 
 __all__ = ["CurvatureGram", "QuadraticModel", "ModelSolution", "ggn_gram", "mean_gram", "inner",
-           "solve_model", "approx_curvature_form", "layer_matrix", "SINGULAR_RTOL_EPS"]
+           "OutputHessianFn", "solve_model", "approx_curvature_form", "layer_matrix", "SINGULAR_RTOL_EPS"]
 
 SINGULAR_RTOL_EPS = 100.0
 """The 2×2, scaled to a unit diagonal, is treated as singular when its smallest eigenvalue
@@ -65,8 +65,13 @@ class CurvatureGram:
     loss: float
 
 
+OutputHessianFn = Callable[[Tensor, Tensor], Tensor]
+"""(outputs, U) → H U for U of shape (k, *outputs.shape): e.g. :class:`kronfisher.losses.OutputHessian`."""
+
+
 def ggn_gram(model: nn.Module, params: Params, inputs: Tensor | tuple,
-             loss_fn: Callable[[Tensor], Tensor], vectors: Sequence[Params]) -> CurvatureGram:
+             loss_fn: Callable[[Tensor], Tensor], vectors: Sequence[Params], *,
+             output_hessian: OutputHessianFn | None = None) -> CurvatureGram:
     """VᵀCV for the exact GGN C of ``loss_fn`` at ``model(inputs)``, by forward mode.
 
     One forward pass of the model carries all k tangents at once (``torch.func.vmap`` of
@@ -86,13 +91,20 @@ def ggn_gram(model: nn.Module, params: Params, inputs: Tensor | tuple,
             differentiate (no ``.item()``, no in-place changes of captured tensors).
         vectors: k ≥ 1 directions, each a mapping with the keys of ``params`` and the
             parameters' shapes.
+        output_hessian: None (H from ``loss_fn`` by autodiff), or the Hessian of
+            ``loss_fn`` with respect to the outputs in closed form (a
+            :class:`~kronfisher.losses.OutputHessian` matching ``loss_fn``): one elementwise
+            pass instead of the second derivative, which on the auto-encoders costs about
+            as much as the JVP's tangent pass. It must be the Hessian of ``loss_fn``: it is
+            not checked against it.
 
     Returns:
         The (k, k) products and L(θ) on ``inputs``.
 
     Raises:
         ValueError: no direction, a direction with other keys or shapes, or a model whose
-            output is not a single tensor, or a ``loss_fn`` that does not return a scalar.
+            output is not a single tensor, or a ``loss_fn`` that does not return a scalar,
+            or an ``output_hessian`` whose result has another shape than its input.
     """
     if not vectors:
         raise ValueError("ggn_gram needs at least one direction")
@@ -130,12 +142,19 @@ def ggn_gram(model: nn.Module, params: Params, inputs: Tensor | tuple,
     def loss_grad(o: Tensor) -> Tensor:
         return grad(lambda u: loss_fn(u).reshape(()))(o)
 
-    # H u as the VJP of grad(loss_fn) (H is symmetric), one backward graph for all k
-    # directions. Forward-over-reverse (a JVP of the gradient) would be the same product
-    # but fails in torch 2.13 for F.mse_loss ("ZeroTensors are immutable").
-    pair = vjp(loss_grad, outputs)  # (∂L/∂outputs, u ↦ H u); no auxiliary output
-    output_grad, hessian_product = pair[0], pair[1]
-    HJv = vmap(hessian_product)(Jv)[0]
+    if output_hessian is not None:
+        output_grad = loss_grad(outputs)
+        HJv = output_hessian(outputs, Jv)
+        if HJv.shape != Jv.shape:
+            raise ValueError(f"output_hessian returned shape {tuple(HJv.shape)} for"
+                             f" directions of shape {tuple(Jv.shape)}")
+    else:
+        # H u as the VJP of grad(loss_fn) (H is symmetric), one backward graph for all k
+        # directions. Forward-over-reverse (a JVP of the gradient) would be the same product
+        # but fails in torch 2.13 for F.mse_loss ("ZeroTensors are immutable").
+        pair = vjp(loss_grad, outputs)  # (∂L/∂outputs, u ↦ H u); no auxiliary output
+        output_grad, hessian_product = pair[0], pair[1]
+        HJv = vmap(hessian_product)(Jv)[0]
     k = len(vectors)
     flat_Jv = Jv.reshape(k, -1).double()
     gram = flat_Jv @ HJv.reshape(k, -1).double().mT
