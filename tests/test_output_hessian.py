@@ -113,35 +113,43 @@ def test_ggn_gram_with_the_closed_form_equals_the_generic_route(loss):
     assert fast.loss == generic.loss
 
 
-def test_adaptive_steps_with_the_closed_form_match_the_generic_route():
-    records = []
-    for h in (None, kf.OutputHessian("bernoulli", "mean")):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 5)).double()
-        gen = torch.Generator().manual_seed(1)
-        x = torch.rand(16, 5, generator=gen, dtype=D)
-        loss_fn = lambda out: F.binary_cross_entropy_with_logits(out, x)
-        pc = kf.KFAC(model, damping_scheme="factored")
-        opt = kf.optim.AdaptiveNG(pc, damping=1.0, weight_decay=1e-3, damping_update_freq=2)
-        steps = []
-        for i in range(4):
-            with pc.collect():
-                kf.sampled_nll(model(x), "bernoulli", reduction="mean",
-                               generator=torch.Generator().manual_seed(i)).backward()
+def adaptive_records(h, steps=4):
+    """(α, μ, q, ρ, next λ) of a few AdaptiveNG steps on BCE, with output_hessian ``h``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 5)).double()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(16, 5, generator=gen, dtype=D)
 
-            def closure():
-                opt.zero_grad()
-                loss = loss_fn(model(x))
-                loss.backward()
-                return loss
-            opt.step(closure, inputs=x, loss_fn=loss_fn, output_hessian=h)
-            r = opt.last_step
-            steps.append((r.alpha, r.momentum, r.q, r.rho, r.next_damping))
-        records.append(steps)
-    for generic, fast in zip(*records):
-        for g, f in zip(generic, fast):
+    def loss_fn(out):
+        return F.binary_cross_entropy_with_logits(out, x)
+
+    pc = kf.KFAC(model, damping_scheme="factored")
+    opt = kf.optim.AdaptiveNG(pc, damping=1.0, weight_decay=1e-3, damping_update_freq=2)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model(x))
+        loss.backward()
+        return loss
+
+    out = []
+    for i in range(steps):
+        with pc.collect():
+            kf.sampled_nll(model(x), "bernoulli", reduction="mean",
+                           generator=torch.Generator().manual_seed(i)).backward()
+        opt.step(closure, inputs=x, loss_fn=loss_fn, output_hessian=h)
+        r = opt.last_step
+        out.append((r.alpha, r.momentum, r.q, r.rho, r.next_damping))
+    return out
+
+
+def test_adaptive_steps_with_the_closed_form_match_the_generic_route():
+    generic = adaptive_records(None)
+    fast = adaptive_records(kf.OutputHessian("bernoulli", "mean"))
+    for rg, rf in zip(generic, fast):
+        for g, f in zip(rg, rf):
             assert (f is None) if g is None else f == pytest.approx(g, rel=1e-10, abs=1e-14)
-    assert any(r[3] is not None for r in records[0])  # ρ (and the "ggn" q) were exercised
+    assert any(r[3] is not None for r in generic)  # ρ (and the "ggn" q) were exercised
 
 
 def test_bad_arguments_are_refused():

@@ -24,8 +24,8 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from ..preconditioner import Preconditioner
 
-__all__ = ["CurvatureGram", "QuadraticModel", "ModelSolution", "ggn_gram", "mean_gram", "inner",
-           "OutputHessianFn", "solve_model", "approx_curvature_form", "layer_matrix", "SINGULAR_RTOL_EPS"]
+__all__ = ["CurvatureGram", "QuadraticModel", "ModelSolution", "ggn_gram", "mean_gram",
+           "inner", "OutputHessianFn", "solve_model", "approx_curvature_form", "layer_matrix", "SINGULAR_RTOL_EPS"]
 
 SINGULAR_RTOL_EPS = 100.0
 """The 2×2, scaled to a unit diagonal, is treated as singular when its smallest eigenvalue
@@ -66,7 +66,8 @@ class CurvatureGram:
 
 
 OutputHessianFn = Callable[[Tensor, Tensor], Tensor]
-"""(outputs, U) → H U for U of shape (k, *outputs.shape): e.g. :class:`kronfisher.losses.OutputHessian`."""
+"""(outputs, U) → H U for U of shape (k, *outputs.shape), e.g. a
+:class:`kronfisher.losses.OutputHessian`."""
 
 
 def ggn_gram(model: nn.Module, params: Params, inputs: Tensor | tuple,
