@@ -25,7 +25,8 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from ..preconditioner import Preconditioner
 
 __all__ = ["CurvatureGram", "QuadraticModel", "ModelSolution", "ggn_gram", "mean_gram",
-           "inner", "OutputHessianFn", "solve_model", "approx_curvature_form", "layer_matrix", "SINGULAR_RTOL_EPS"]
+           "inner", "OutputHessianFn", "solve_model", "approx_curvature_form", "layer_matrix",
+           "SINGULAR_RTOL_EPS"]
 
 SINGULAR_RTOL_EPS = 100.0
 """The 2×2, scaled to a unit diagonal, is treated as singular when its smallest eigenvalue
