@@ -168,4 +168,4 @@ def _adaptive(pc: Preconditioner, h: Hyper, damping: float) -> torch.optim.Optim
                       damping=damping, damping_update_freq=h.damping_update_freq,
                       min_damping=h.min_damping,
                       weight_decay=h.weight_decay, quad_model=h.quad_model,
-                      kl_clip=h.kl_clip)
+                      kl_clip=h.kl_clip, model_grad=h.model_grad)

@@ -154,6 +154,7 @@ class Hyper:
     damping_update_freq: int = 5  # adaptive: T_λ
     quad_model: str = "ggn"  # adaptive: curvature of q(δ) in ρ ("ggn" exact, "approx")
     jvp_fraction: float = 1.0  # adaptive: share of the minibatch the JVPs and ρ use
+    model_grad: str = "closure"  # adaptive: ∇ of the model's linear term ("closure", "inputs")
     curvature_estimator: str = "sampled"  # "sampled" targets or curvature "propagation"
     min_damping: float = 1e-5  # adaptive: λ's floor (kfac-jax's auto-encoder example)
 
