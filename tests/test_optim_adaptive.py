@@ -40,6 +40,42 @@ def test_automatic_step_is_the_exact_minimiser_over_the_span_on_least_squares():
         prev = d
 
 
+def test_momentum_range_step_is_the_constrained_minimiser_on_least_squares():
+    """With lo ≤ μ ≤ hi, δ = c₀Δ + μ δ_prev is the Karush–Kuhn–Tucker point of the dense
+    quadratic ∇ᵀδ + ½δᵀ(H + (λ + η)I)δ over the span with μ in the interval."""
+    model, x, loss_fn = least_squares(seed=7)
+    lam, eta, lo, hi = 0.3, 0.05, 0.2, 0.3
+    pc = kf.KFAC(model, damping_scheme="factored")
+    opt = kf.optim.AdaptiveNG(pc, damping=lam, weight_decay=eta, adapt_damping=False,
+                              momentum_range=(lo, hi))
+    H = dense_hessian(model, x, loss_fn)
+    M = H + (lam + eta) * torch.eye(H.shape[0], dtype=D)
+    prev, bounds_hit = None, 0
+    for step in range(5):
+        theta, grads, delta = run_step(model, pc, opt, x, loss_fn, seed=step)
+        g, d = flat(model, grads), flat(model, delta)
+        Delta = flat(model, {n: p.grad for n, p in model.named_parameters()})
+        if prev is None:  # first step: 1×1, μ = 0 outside the range is not a constraint
+            c = -(Delta @ g) / (Delta @ M @ Delta)
+            torch.testing.assert_close(d, c * Delta, rtol=1e-10, atol=1e-13)
+        else:
+            mu = opt.last_step.momentum
+            assert lo <= mu <= hi
+            c0 = -opt.last_step.alpha
+            torch.testing.assert_close(d, c0 * Delta + mu * prev, rtol=1e-10, atol=1e-13)
+            dq = torch.stack([Delta, prev]) @ (M @ d + g)  # ∂q/∂(c₀, μ)
+            assert abs(float(dq[0])) < 1e-9 * float(dq.abs().max() + Delta.norm() * g.norm())
+            if mu == lo:
+                assert float(dq[1]) > 0
+            elif mu == hi:
+                assert float(dq[1]) < 0
+            else:
+                assert abs(float(dq[1])) < 1e-9
+            bounds_hit += mu in (lo, hi)
+        prev = d
+    assert bounds_hit >= 1  # the range did bind in this problem
+
+
 def autoencoder(seed=0):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 8)).double()
@@ -198,7 +234,8 @@ def resume_setup(seed=7, **kw):
     return model, x, loss_fn, pc, opt
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(lr=0.3, momentum=0.8, quad_model="approx")])
+@pytest.mark.parametrize("kw", [dict(), dict(lr=0.3, momentum=0.8, quad_model="approx"),
+                                dict(momentum_range=(0.0, 0.5))])
 def test_state_dict_resume_is_bit_identical(kw):
     model, x, loss_fn, pc, opt = resume_setup(**kw)
     train(model, pc, opt, x, loss_fn, 5, seed=0)
@@ -219,6 +256,18 @@ def test_state_dict_resume_is_bit_identical(kw):
         assert torch.equal(p, q)
     assert opt2.last_step == opt.last_step
     assert opt2.param_groups[0]["damping"] == opt.param_groups[0]["damping"]
+
+
+def test_a_state_dict_without_momentum_range_loads_unbounded():
+    """Saved before the option existed: the group lacks the key; it loads as None."""
+    model, x, loss_fn, pc, opt = resume_setup(momentum_range=(0.0, 0.5))
+    train(model, pc, opt, x, loss_fn, 3)
+    sd = opt.state_dict()
+    del sd["param_groups"][0]["momentum_range"]
+    opt.load_state_dict(sd)
+    assert "momentum_range" not in opt.param_groups[0]
+    train(model, pc, opt, x, loss_fn, 2)
+    assert opt.steps == 5 and opt.last_step.applied
 
 
 def test_load_errors_are_clear_and_change_nothing():
@@ -261,7 +310,12 @@ def test_argument_errors_are_clear():
         kf.optim.AdaptiveNG(model)
     for kw, match in [(dict(lr=-1.0), "lr"), (dict(damping_decay=1.5), "damping_decay"),
                       (dict(quad_model="hessian"), "quad_model"),
-                      (dict(damping=1e9), "damping"), (dict(damping_update_freq=0), "freq")]:
+                      (dict(damping=1e9), "damping"), (dict(damping_update_freq=0), "freq"),
+                      (dict(momentum_range=(0.9, 0.1)), "lo <= hi"),
+                      (dict(momentum_range=(0.0, math.inf)), "finite"),
+                      (dict(momentum_range=0.9), "pair"),
+                      (dict(momentum_range=(0.0, 0.9), momentum=0.5), "automatic momentum"),
+                      (dict(momentum_range=(0.0, 0.9), lr=0.1), "automatic momentum")]:
         with pytest.raises(ValueError, match=match):
             kf.optim.AdaptiveNG(pc, **kw)
     opt = kf.optim.AdaptiveNG(pc)

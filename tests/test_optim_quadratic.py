@@ -102,6 +102,45 @@ def test_directions_of_very_different_lengths_are_not_singular():
     torch.testing.assert_close(c, span_minimiser(C, g, V, 0.1), rtol=1e-9, atol=0)
 
 
+def kkt_gradient(C, g, V, d, c):
+    """∂/∂c of the dense span quadratic f(Vc) = ∇ᵀVc + ½ cᵀVᵀ(C + dI)Vc, by autodiff."""
+    M = C + d * torch.eye(C.shape[0], dtype=D)
+    return grad(lambda c: g @ (V @ c) + 0.5 * (V @ c) @ M @ (V @ c))(c)
+
+
+def test_momentum_range_gives_the_constrained_minimiser():
+    """lo ≤ μ ≤ hi: inside, the free solution; outside, the Karush–Kuhn–Tucker point of the
+    convex span quadratic — ∂f/∂c₀ = 0 and ∂f/∂μ pointing out of the interval at the bound
+    (which, f being convex, is the constrained minimiser)."""
+    n, d = 8, 0.2
+    C = spd(n, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    g = torch.randn(n, generator=gen, dtype=D)
+    V = torch.randn(n, 2, generator=gen, dtype=D)
+    model = dense_model(C, g, V)
+    free = solve(model, d, rtol=1e-14)
+    inside = solve(model, d, momentum_range=(free.momentum - 1, free.momentum + 1), rtol=1e-14)
+    assert inside == free
+    for lo, hi, at in [(free.momentum + 0.3, free.momentum + 2, "lo"),
+                       (free.momentum - 2, free.momentum - 0.3, "hi")]:
+        sol = solve(model, d, momentum_range=(lo, hi), rtol=1e-14)
+        assert sol.momentum == (lo if at == "lo" else hi) and not sol.fallback
+        c = torch.tensor([-sol.alpha, sol.momentum], dtype=D)
+        dc = kkt_gradient(C, g, V, d, c)
+        assert abs(float(dc[0])) < 1e-10 * float(dc.abs().max())
+        assert (float(dc[1]) > 0) if at == "lo" else (float(dc[1]) < 0)
+        delta = V @ c
+        M = C + d * torch.eye(n, dtype=D)
+        assert sol.q == pytest.approx(float(g @ delta + 0.5 * delta @ M @ delta), rel=1e-12)
+        assert sol.q > free.q  # the constraint costs model decrease
+    v = torch.randn(n, generator=gen, dtype=D)
+    parallel = dense_model(C, g, torch.stack([v, 3.0 * v], 1))  # singular: the 1×1 fallback
+    sol = solve(parallel, d, momentum_range=(0.25, 0.5))
+    assert sol.fallback and sol.momentum == 0.25
+    with pytest.raises(ValueError, match="lo <= hi"):
+        solve(model, d, momentum_range=(1.0, 0.0))
+
+
 def tiny_mlp(out=3, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, out)).double()

@@ -165,6 +165,7 @@ def _adaptive(pc: Preconditioner, h: Hyper, damping: float) -> torch.optim.Optim
 
     return AdaptiveNG(pc, lr=None if h.auto_lr else h.lr,
                       momentum=None if h.auto_momentum else h.momentum,
+                      momentum_range=h.momentum_range,
                       damping=damping, damping_update_freq=h.damping_update_freq,
                       min_damping=h.min_damping,
                       weight_decay=h.weight_decay, quad_model=h.quad_model,

@@ -157,6 +157,7 @@ class Hyper:
     model_grad: str = "closure"  # adaptive: ∇ of the model's linear term ("closure", "inputs")
     curvature_estimator: str = "sampled"  # "sampled" targets or curvature "propagation"
     min_damping: float = 1e-5  # adaptive: λ's floor (kfac-jax's auto-encoder example)
+    momentum_range: tuple[float, float] | None = None  # adaptive: bounds of the automatic μ
 
 
 def hyper(problem: str, optimizer: str, preset: str = "paper") -> Hyper:

@@ -55,6 +55,8 @@ class AdaptiveNG(torch.optim.Optimizer):
 
     * ``lr=None, momentum=None``: (−α, μ) = −(VᵀCV + (λ+η)VᵀV)⁻¹ Vᵀ∇ over V = [Δ, δ_prev]
       (1×1 at the first step), C the exact GGN of ``loss_fn`` at ``model(inputs)``;
+    * ``lr=None, momentum=None, momentum_range=(lo, hi)``: the same model's minimiser
+      with lo ≤ μ ≤ hi (μ at the nearer bound, α re-solved, when the free μ is outside);
     * ``lr=None, momentum=μ``: α from the same model with μ fixed;
     * ``lr=float``: α = lr·ν, μ = ``momentum`` or 0, ν = min(1, √(κ / (lr²|Δᵀ∇|))) with
       ``kl_clip`` = κ (else ν = 1).
@@ -75,7 +77,7 @@ class AdaptiveNG(torch.optim.Optimizer):
             is set here).
         params: the parameters to optimise (one group); default: the trainable
             parameters of ``preconditioner.model``. All must belong to that model.
-        lr, momentum, kl_clip: the step rule above.
+        lr, momentum, momentum_range, kl_clip: the step rule above.
         damping: the initial λ (at the scale of the objective: λ₀ = 150 is kfac-jax's
             for a loss summed over pixels).
         adapt_damping, damping_update_freq, damping_decay, min_damping, max_damping:
@@ -114,7 +116,8 @@ class AdaptiveNG(torch.optim.Optimizer):
 
     def __init__(self, preconditioner: Preconditioner, *,
                  params: Iterable[Tensor] | None = None, lr: float | None = None,
-                 momentum: float | None = None, damping: float = 150.0,
+                 momentum: float | None = None,
+                 momentum_range: tuple[float, float] | None = None, damping: float = 150.0,
                  adapt_damping: bool = True, damping_update_freq: int = 5,
                  damping_decay: float = 0.95**5, min_damping: float = 1e-8,
                  max_damping: float = 1e8, weight_decay: float = 0.0,
@@ -134,7 +137,8 @@ class AdaptiveNG(torch.optim.Optimizer):
         if outside:
             raise ValueError(f"params {outside} are not parameters of preconditioner.model"
                              " (the quadratic model evaluates that model)")
-        defaults = dict(lr=lr, momentum=momentum, damping=damping, adapt_damping=adapt_damping,
+        defaults = dict(lr=lr, momentum=momentum, momentum_range=momentum_range,
+                        damping=damping, adapt_damping=adapt_damping,
                         damping_update_freq=damping_update_freq, damping_decay=damping_decay,
                         min_damping=min_damping, max_damping=max_damping,
                         weight_decay=weight_decay, quad_model=quad_model, kl_clip=kl_clip,
@@ -254,7 +258,8 @@ class AdaptiveNG(torch.optim.Optimizer):
                 gram=torch.stack([torch.stack([inner(u, v) for v in V]) for u in V]).cpu(),
                 grad=self._linear_terms(cfg, V, grads, named, gram))
             rtol = SINGULAR_RTOL_EPS * max(torch.finfo(p.dtype).eps for p in params)
-            sol = solve_model(qmodel, lam + eta, momentum=cfg.momentum, rtol=rtol)
+            sol = solve_model(qmodel, lam + eta, momentum=cfg.momentum,
+                              momentum_range=cfg.momentum_range, rtol=rtol)
             if sol is None or not math.isfinite(loss_before):
                 return self._skipped(cfg, loss, closure_loss, "the quadratic model has no finite"
                                      " minimiser (non-finite loss_fn or curvature)")
@@ -267,7 +272,7 @@ class AdaptiveNG(torch.optim.Optimizer):
                                      " trusted with)")
             if fallback:
                 warnings.warn("AdaptiveNG: the 2×2 quadratic model is singular (Δ and δ_prev"
-                              " nearly parallel, or not finite): this step uses μ = 0",
+                              f" nearly parallel, or not finite): this step uses μ = {mu:g}",
                               RuntimeWarning, stacklevel=3)
         else:
             assert cfg.lr is not None  # not automatic

@@ -23,6 +23,17 @@ def _number(name: str, v: Any) -> float:
     return float(v)
 
 
+def _range(name: str, v: Any) -> tuple[float, float] | None:
+    if v is None:
+        return None
+    if not isinstance(v, tuple | list) or len(v) != 2:
+        raise ValueError(f"{name} must be None or a pair (lo, hi), got {v!r}")
+    lo, hi = _number(f"{name}[0]", v[0]), _number(f"{name}[1]", v[1])
+    if not lo <= hi:
+        raise ValueError(f"{name} must have lo <= hi, got {v!r}")
+    return lo, hi
+
+
 def _optional(name: str, v: Any) -> float | None:
     if v is None:
         return None
@@ -38,6 +49,8 @@ class StepConfig:
     Attributes:
         lr: fixed learning rate, or None for α from the exact quadratic model.
         momentum: fixed μ, or None (μ from the model when ``lr`` is None, else 0).
+        momentum_range: (lo, hi) bounding the automatic μ, or None (unbounded). An
+            optional key of the group: state_dicts saved before it existed load as None.
         damping: the current λ.
         adapt_damping: whether the Levenberg–Marquardt rule adapts λ.
         damping_update_freq: steps between two damping updates.
@@ -51,6 +64,7 @@ class StepConfig:
 
     lr: float | None
     momentum: float | None
+    momentum_range: tuple[float, float] | None
     damping: float
     adapt_damping: bool
     damping_update_freq: int
@@ -82,6 +96,10 @@ class StepConfig:
         momentum = _optional("momentum", group["momentum"])
         if momentum is not None and momentum < 0:
             raise ValueError(f"momentum must be >= 0 (or None), got {momentum!r}")
+        momentum_range = _range("momentum_range", group.get("momentum_range"))
+        if momentum_range is not None and (lr is not None or momentum is not None):
+            raise ValueError("momentum_range bounds the automatic momentum: it needs lr=None"
+                             " and momentum=None")
         rule = LevenbergMarquardt(
             decay=_number("damping_decay", group["damping_decay"]),
             min_damping=_number("min_damping", group["min_damping"]),
@@ -111,7 +129,8 @@ class StepConfig:
                              f" {group['model_grad']!r}")
         if not isinstance(group["adapt_damping"], bool):
             raise ValueError(f"adapt_damping must be a bool, got {group['adapt_damping']!r}")
-        return StepConfig(lr=lr, momentum=momentum, damping=damping,
+        return StepConfig(lr=lr, momentum=momentum, momentum_range=momentum_range,
+                          damping=damping,
                           adapt_damping=group["adapt_damping"], damping_update_freq=freq,
                           weight_decay=wd, quad_model=group["quad_model"], kl_clip=kl_clip,
                           model_grad=group["model_grad"],

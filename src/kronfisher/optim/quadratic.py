@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -212,7 +212,8 @@ class ModelSolution:
         alpha: the learning rate α (coefficient of Δ is −α; α > 0 is a descent step).
         momentum: μ, the coefficient of δ_prev (0 without a previous step).
         q: the model change q(δ) (≤ 0 at a minimiser).
-        fallback: the 2×2 was singular or not finite and the 1×1 (μ = 0) was used.
+        fallback: the 2×2 was singular or not finite and the 1×1 was used (μ = 0, or the
+            bound of ``momentum_range`` nearest 0).
     """
 
     alpha: float
@@ -235,6 +236,7 @@ def _one_by_one(model: QuadraticModel, damping: float, shift: float = 0.0) -> fl
 
 
 def solve_model(model: QuadraticModel, damping: float, *, momentum: float | None = None,
+                momentum_range: tuple[float, float] | None = None,
                 rtol: float = SINGULAR_RTOL_EPS * torch.finfo(torch.float32).eps
                 ) -> ModelSolution | None:
     """Minimise q over the coefficients of δ = c₀Δ + c₁δ_prev (α = −c₀, μ = c₁).
@@ -244,6 +246,10 @@ def solve_model(model: QuadraticModel, damping: float, *, momentum: float | None
         damping: d = λ + η added as d·VᵀV.
         momentum: None: μ from the model too (the 2×2 solve); a number: μ fixed and only
             α from the model, c₀ = −(b₀ + A₀₁μ)/A₀₀. Ignored with one direction (μ = 0).
+        momentum_range: (lo, hi) or None; with ``momentum`` None and two directions, the
+            minimiser of q subject to lo ≤ μ ≤ hi: q minimised over α is a convex function
+            of μ, so when the free μ (or the singular fallback's 0) lies outside, the
+            constrained minimiser has μ at the nearer bound and α solved with it fixed.
         rtol: the 2×2 is singular when, scaled to a unit diagonal (so that the lengths of
             Δ and δ_prev do not matter), its eigenvalues satisfy λ_min ≤ rtol·λ_max, i.e.
             when Δ and δ_prev are parallel in the A-metric to within about rtol/2.
@@ -256,6 +262,15 @@ def solve_model(model: QuadraticModel, damping: float, *, momentum: float | None
     k = model.grad.shape[0]
     if k not in (1, 2):
         raise ValueError(f"the model has {k} directions; 1 or 2 are supported")
+    if momentum_range is not None and not momentum_range[0] <= momentum_range[1]:
+        raise ValueError(f"momentum_range must be (lo, hi) with lo <= hi, got {momentum_range!r}")
+    if k == 2 and momentum is None and momentum_range is not None:
+        free = solve_model(model, damping, rtol=rtol)
+        lo, hi = momentum_range
+        if free is None or lo <= free.momentum <= hi:
+            return free
+        bound = solve_model(model, damping, momentum=min(max(free.momentum, lo), hi), rtol=rtol)
+        return None if bound is None else replace(bound, fallback=free.fallback)
     if k == 2 and momentum is not None:
         c0 = _one_by_one(model, damping, shift=float(model.matrix(damping)[0, 1]) * momentum)
         if c0 is None:
