@@ -59,6 +59,8 @@ def test_make_optimizers_builds_adaptive_ng_with_the_preset_hyper_parameters():
     assert built.preconditioner.damping_scheme == "factored"
     group = built.optimizer.param_groups[0]
     assert group["weight_decay"] == h.weight_decay
+    assert (group["momentum_range"], group["model_grad"]) == (h.momentum_range, h.model_grad)
+    assert (group["lr"], group["momentum"]) == (None, None)  # α and μ from the model
 
 
 def test_an_adaptive_run_trains_and_records_its_damping(tiny_curves):
@@ -77,6 +79,8 @@ def test_an_adaptive_run_trains_and_records_its_damping(tiny_curves):
             assert min(abs(ratio - omega), abs(ratio - 1 / omega), abs(ratio - 1)) < 1e-9
         else:
             assert ratio == 1.0
+    lo, hi = hyper("curves", "kfac", "adaptive").momentum_range
+    assert all(lo <= r["momentum"] <= hi for r in trace if r["applied"])
     losses = [r["minibatch_loss_pixel"] for r in res["iterations"]]
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3
