@@ -23,12 +23,12 @@ COMMON=(--problem "$PROBLEM" --preset adaptive --seed "$SEED" --threads 1 --eval
   --out "$OUT/first"
 CSV="$OUT/first/runs/$ADAM.iterations.csv"
 T=$("$PY" - "$CSV" "$N" <<'PY'
-import csv, sys
+import csv, math, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
 n = int(sys.argv[2])
 if len(rows) < n:
     sys.exit(f"{sys.argv[1]} has {len(rows)} iterations, fewer than {n}")
-print(f"{float(rows[n - 1]['wall_time']):.2f}")
+print(f"{math.ceil(float(rows[n - 1]['wall_time']) * 100) / 100:.2f}")  # never below T
 PY
 )
 echo "time budget: $T s ($ADAM at iteration $N)"

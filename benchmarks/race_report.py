@@ -33,11 +33,16 @@ def load(dir_: Path) -> dict[str, tuple[list[float], list[float]]]:
     return out
 
 
+BUDGET_ROUNDING = 0.01
+"""Seconds: ``--time-budget`` is written with two decimals, so a run stopped by a budget of
+round(T, 2) may end up to 0.005 s before T; it counts as having reached T."""
+
+
 def at_time(wall: list[float], losses: list[float], t: float) -> float | None:
     """The ±10-iteration mean loss at the iteration reached after ``t`` seconds."""
-    if not wall or wall[-1] < t:
+    if not wall or wall[-1] < t - BUDGET_ROUNDING:
         return None
-    return window_mean(losses, bisect.bisect_left(wall, t) + 1)
+    return window_mean(losses, min(bisect.bisect_left(wall, t) + 1, len(losses)))
 
 
 def reach(losses: list[float], target: float) -> int | None:

@@ -17,22 +17,11 @@ from ..preconditioner import Preconditioner
 from ..preconditioner.written import WrittenGrads
 from .config import StepConfig
 from .damping import reduction_ratio
-from .quadratic import (
-    SINGULAR_RTOL_EPS,
-    CurvatureGram,
-    OutputHessianFn,
-    QuadraticModel,
-    approx_curvature_form,
-    ggn_gram,
-    inner,
-    mean_gram,
-    solve_model,
-)
+from .evaluation import LossFn, StepBatch, check_approx_available, linear_terms
+from .quadratic import SINGULAR_RTOL_EPS, OutputHessianFn, QuadraticModel, inner, solve_model
 from .state import StepRecord, check_loadable
 
 __all__ = ["AdaptiveNG", "StepRecord"]
-
-LossFn = Callable[[Tensor], Tensor]
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
@@ -149,20 +138,11 @@ class AdaptiveNG(torch.optim.Optimizer):
                              " on one (the optimizer's scales only Δ's part of the step)")
         super().__init__(plist, defaults)
         self.preconditioner = preconditioner
-        self._check_approx_available(quad_model)
+        check_approx_available(preconditioner, quad_model)
         self._names = names
         self.steps = 0
         self.last_step: StepRecord | None = None
         self._written = WrittenGrads()
-
-    def _check_approx_available(self, quad_model: str) -> None:
-        """Refuse "approx" where the curvature product lives on the layers' owner ranks."""
-        if quad_model == "approx" and getattr(self.preconditioner.sync, "owners", None):
-            raise ValueError(
-                "quad_model='approx' needs the preconditioner's curvature on every rank, but"
-                " this data-parallel preconditioner factorises each layer on its owner rank"
-                " only: use quad_model='ggn', or process_group=DistributedConfig("
-                "assignment='replicated')")
 
     def add_param_group(self, param_group: dict) -> None:
         """Add the (only) parameter group; a second one raises ValueError."""
@@ -214,12 +194,14 @@ class AdaptiveNG(torch.optim.Optimizer):
                                " closure must zero the gradients and run a backward")
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError("the closure must return the loss as a scalar tensor")
+        batch = None if inputs is None or loss_fn is None else StepBatch(
+            self.preconditioner, self._names, inputs if isinstance(inputs, tuple) else (inputs,),
+            loss_fn, output_hessian)
         with torch.no_grad():
-            return self._step(cfg, params, loss, inputs, loss_fn, output_hessian)
+            return self._step(cfg, params, loss, batch)
 
     def _step(self, cfg: StepConfig, params: list[Tensor], loss: Tensor,
-              inputs: Tensor | tuple | None, loss_fn: LossFn | None,
-              output_hessian: OutputHessianFn | None) -> Tensor:
+              batch: StepBatch | None) -> Tensor:
         eta, lam = cfg.weight_decay, cfg.damping
         named = {self._names[id(p)]: p for p in params}
         for p in params:
@@ -251,12 +233,13 @@ class AdaptiveNG(torch.optim.Optimizer):
         loss_before, q, fallback = None, None, False
         if cfg.automatic:
             V = [Delta, prev] if has_prev else [Delta]
-            gram = self._gram(named, inputs, loss_fn, V, output_hessian)
+            assert batch is not None  # step() checked
+            gram = batch.gram(named, V)
             loss_before = gram.loss + l2()
             qmodel = QuadraticModel(
                 curvature=gram.curvature,
                 gram=torch.stack([torch.stack([inner(u, v) for v in V]) for u in V]).cpu(),
-                grad=self._linear_terms(cfg, V, grads, named, gram))
+                grad=linear_terms(cfg, V, grads, named, gram))
             rtol = SINGULAR_RTOL_EPS * max(torch.finfo(p.dtype).eps for p in params)
             sol = solve_model(qmodel, lam + eta, momentum=cfg.momentum,
                               momentum_range=cfg.momentum_range, rtol=rtol)
@@ -283,10 +266,10 @@ class AdaptiveNG(torch.optim.Optimizer):
             alpha, mu = cfg.lr * nu, (cfg.momentum or 0.0) if has_prev else 0.0
         delta = {n: (d * -alpha + prev[n] * mu) if mu else d * -alpha for n, d in Delta.items()}
         if due and (cfg.quad_model == "approx" or not cfg.automatic):
-            q, jvp_loss = self._model_change(cfg, named, grads, delta, inputs, loss_fn,
-                                             output_hessian)
+            assert batch is not None  # step() checked
+            q, jvp_loss = batch.model_change(cfg, named, grads, delta)
             if loss_before is None:  # fixed lr: L(θ) from the JVP, else one forward
-                loss_before = (self._loss(inputs, loss_fn) if jvp_loss is None else jvp_loss
+                loss_before = (batch.loss() if jvp_loss is None else jvp_loss
                                ) + l2()
             if not math.isfinite(loss_before):
                 return self._skipped(cfg, loss, closure_loss, "loss_fn is not finite at θ")
@@ -298,7 +281,8 @@ class AdaptiveNG(torch.optim.Optimizer):
         rho, next_lam = None, lam
         if due:
             assert loss_before is not None and q is not None  # computed above when due
-            loss_after = self._loss(inputs, loss_fn) + l2()
+            assert batch is not None  # step() checked
+            loss_after = batch.loss() + l2()
             rho = reduction_ratio(loss_before, loss_after, q)
             next_lam = cfg.rule.update(lam, rho, q)
         self.param_groups[0]["damping"] = next_lam
@@ -308,47 +292,6 @@ class AdaptiveNG(torch.optim.Optimizer):
                                 next_damping=next_lam, alpha=alpha, momentum=mu, q=q, rho=rho,
                                 applied=True, fallback=fallback))
         return loss
-
-    def _model_change(self, cfg: StepConfig, named: dict[str, Tensor],
-                      grads: dict[str, Tensor], delta: dict[str, Tensor],
-                      inputs: Tensor | tuple | None, loss_fn: LossFn | None,
-                      output_hessian: OutputHessianFn | None
-                      ) -> tuple[float, float | None]:
-        """(q(δ), L(θ) if the JVP gave it) for ρ, with ``cfg.quad_model``'s curvature."""
-        d = cfg.damping + cfg.weight_decay
-        if cfg.quad_model == "approx":  # the closure's ∇: no JVP gives another one here
-            self._check_approx_available(cfg.quad_model)  # param_groups may have changed it
-            form = approx_curvature_form(self.preconditioner, self._names, delta, d)
-            return float(inner(delta, grads)) + 0.5 * form, None
-        gram = self._gram(named, inputs, loss_fn, [delta], output_hessian)
-        linear = float(self._linear_terms(cfg, [delta], grads, named, gram)[0])
-        form = float(gram.curvature[0, 0]) + d * float(inner(delta, delta))
-        return linear + 0.5 * form, gram.loss
-
-    @staticmethod
-    def _linear_terms(cfg: StepConfig, V: list[dict[str, Tensor]], grads: dict[str, Tensor],
-                      named: dict[str, Tensor], gram: CurvatureGram) -> Tensor:
-        """Vᵀ∇ (k,) float64: ∇ of the closure, or of loss_fn on inputs (``model_grad``)."""
-        if cfg.model_grad == "closure":
-            return torch.stack([inner(v, grads) for v in V]).cpu()
-        l2 = [inner(v, named) * cfg.weight_decay for v in V] if cfg.weight_decay else None
-        return gram.grad + (torch.stack(l2).cpu() if l2 else 0.0)
-
-    def _gram(self, named: dict[str, Tensor], inputs: Tensor | tuple | None,
-              loss_fn: LossFn | None, V: list[dict[str, Tensor]],
-              output_hessian: OutputHessianFn | None) -> CurvatureGram:
-        """:func:`ggn_gram` on ``inputs``, averaged over the ranks when data parallel."""
-        assert inputs is not None and loss_fn is not None  # step() checked
-        gram = ggn_gram(self.preconditioner.model, named, inputs, loss_fn, V,
-                        output_hessian=output_hessian)
-        return mean_gram(gram, self.preconditioner.sync.mean_over_ranks)
-
-    def _loss(self, inputs: Tensor | tuple | None, loss_fn: LossFn | None) -> float:
-        """loss_fn(model(inputs)) now (no weight decay), averaged over the ranks if parallel."""
-        assert inputs is not None and loss_fn is not None  # step() checked
-        args = inputs if isinstance(inputs, tuple) else (inputs,)
-        value = loss_fn(self.preconditioner.model(*args)).detach().double().reshape(1)
-        return float(self.preconditioner.sync.mean_over_ranks(value, "model_loss")[0])
 
     def _skipped(self, cfg: StepConfig, loss: Tensor, closure_loss: float, reason: str, *,
                  raise_damping: bool = True) -> Tensor:
