@@ -174,19 +174,24 @@ LOSSES = {
 }
 
 
-@pytest.mark.parametrize("loss", list(LOSSES))
-def test_ggn_gram_by_jvp_equals_dense_jt_h_j(loss):
+def loss_problem(loss, n, gen):
+    """(tiny_mlp, inputs (n, 4), loss_fn) for one of LOSSES, targets of the right kind."""
     out_dim, make = LOSSES[loss]
     model = tiny_mlp(out_dim)
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(6, 4, generator=gen, dtype=D)
+    x = torch.randn(n, 4, generator=gen, dtype=D)
     if loss == "cross_entropy":
-        y = torch.randint(0, out_dim, (6,), generator=gen)
+        y = torch.randint(0, out_dim, (n,), generator=gen)
     elif loss == "bernoulli_bce_mean":
-        y = torch.rand(6, out_dim, generator=gen, dtype=D).round()
+        y = torch.rand(n, out_dim, generator=gen, dtype=D).round()
     else:
-        y = torch.randn(6, out_dim, generator=gen, dtype=D)
-    loss_fn = make(y)
+        y = torch.randn(n, out_dim, generator=gen, dtype=D)
+    return model, x, make(y)
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_ggn_gram_by_jvp_equals_dense_jt_h_j(loss):
+    gen = torch.Generator().manual_seed(7)
+    model, x, loss_fn = loss_problem(loss, 6, gen)
     C, unflatten = dense_ggn(model, x, loss_fn)
     P = C.shape[0]
     params = dict(model.named_parameters())

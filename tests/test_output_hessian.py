@@ -10,7 +10,7 @@ from torch.func import hessian
 import kronfisher as kf
 from helpers import D
 from kronfisher.optim import ggn_gram
-from test_optim_quadratic import LOSSES, tiny_mlp
+from test_optim_quadratic import LOSSES, loss_problem, tiny_mlp
 
 
 def per_example_nll(out, y, likelihood):
@@ -92,17 +92,8 @@ HESSIANS = {"bernoulli_bce_mean": kf.OutputHessian("bernoulli", "mean"),
 
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_ggn_gram_with_the_closed_form_equals_the_generic_route(loss):
-    out_dim, make = LOSSES[loss]
-    model = tiny_mlp(out_dim)
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(7, 4, generator=gen, dtype=D)
-    if loss == "cross_entropy":
-        y = torch.randint(0, out_dim, (7,), generator=gen)
-    elif loss == "bernoulli_bce_mean":
-        y = torch.rand(7, out_dim, generator=gen, dtype=D).round()
-    else:
-        y = torch.randn(7, out_dim, generator=gen, dtype=D)
-    loss_fn = make(y)
+    model, x, loss_fn = loss_problem(loss, 7, gen)
     params = dict(model.named_parameters())
     V = [{n: torch.randn(p.shape, generator=gen, dtype=D) for n, p in params.items()}
          for _ in range(2)]
